@@ -1,0 +1,24 @@
+"""sam_diagnostics: per-example diagnostics and optimizers for SAM under label noise."""
+
+__version__ = "0.1.0"
+
+from .jacobian import grad_norms, jacobian_norms
+from .logit_terms import logit_scale, logit_term, margin, per_example_loss
+from .perturb import group_slices, perturbed, sam_epsilon
+from .probe import Probe
+from .rules import register_rule
+
+__all__ = [
+    "__version__",
+    "grad_norms",
+    "jacobian_norms",
+    "logit_scale",
+    "logit_term",
+    "margin",
+    "per_example_loss",
+    "Probe",
+    "group_slices",
+    "perturbed",
+    "sam_epsilon",
+    "register_rule",
+]
