@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .jacobian import grad_norms, jacobian_norms
 from .logit_terms import logit_scale, logit_term, margin, per_example_loss
+from .optim import SAM, RegularizedSGD, SGDStep, make_optimizer
 from .perturb import group_slices, perturbed, sam_epsilon
 from .probe import Probe
 from .rules import register_rule
@@ -17,6 +18,10 @@ __all__ = [
     "margin",
     "per_example_loss",
     "Probe",
+    "SAM",
+    "RegularizedSGD",
+    "SGDStep",
+    "make_optimizer",
     "group_slices",
     "perturbed",
     "sam_epsilon",

@@ -98,11 +98,14 @@ class Capture:
     offsets : dict, optional
         ``{entry name: state}`` from :meth:`Rule.prepare`; the hooked modules then compute their
         output at the per-example parameters ``θ + Δ_i`` (the SAM view), and that is recorded.
+    record : bool
+        Keep the calls (for norms and cotangents); ``False`` only applies ``offsets``.
     """
 
-    def __init__(self, plan: Plan, offsets: dict | None = None):
+    def __init__(self, plan: Plan, offsets: dict | None = None, record: bool = True):
         self.plan = plan
         self.offsets = offsets or {}
+        self.record = record
         self.records: dict[str, _Record] = {name: _Record() for name in plan.entries}
         self._handles: list = []
         self._inside = False
@@ -119,6 +122,8 @@ class Capture:
                     out = rule.apply(module, self.offsets[name], (args, kwargs), out)
                 finally:
                     self._inside = False
+            if not self.record:
+                return out
             rec = self.records[name]
             rec.calls.append((_detach(args), _detach(kwargs)))
             rec.outputs.append(out)

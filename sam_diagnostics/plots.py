@@ -3,16 +3,14 @@
 This module reads the xarray datasets described in SPEC section 3 (one run, or several runs
 concatenated along a ``run`` dimension) and answers one question per figure function:
 
-=========================  ===============================================================
-:func:`plot_accuracy_curves`  clean-train / noisy-train (memorization) / test accuracy, with
-                              the early-stopping peak of every method marked
-:func:`plot_logit_scale`      mean logit scale ``‖δ_i‖₂`` of clean vs noisy probe examples and
-                              its SAM-view / SGD-view ratio (finding 1 of the paper)
-:func:`plot_norms`            Jacobian norm, penultimate activation norm, last-layer weight
-                              norm and the Jacobian SAM/SGD ratio
-:func:`plot_upweighting`      per-example logit-scale ratio SAM/SGD against the margin
-:func:`plot_standard`         all of the above that the data supports, saved to disk
-=========================  ===============================================================
+- :func:`plot_accuracy_curves`: clean-train / noisy-train (memorization) / test accuracy,
+  with the early-stopping peak of every method marked;
+- :func:`plot_logit_scale`: mean logit scale ``‖δ_i‖₂`` of clean vs noisy probe examples and
+  its SAM-view / SGD-view ratio (finding 1 of the paper);
+- :func:`plot_norms`: Jacobian norm, penultimate activation norm, last-layer weight norm and
+  the Jacobian SAM/SGD ratio;
+- :func:`plot_upweighting`: per-example logit-scale ratio SAM/SGD against the margin;
+- :func:`plot_standard`: all of the above that the data supports, saved to disk.
 
 All figures take *tidy* frames built by :func:`to_long`, which averages over probe examples
 first (per run, step, view, clean/noisy subset and layer), so seaborn never sees millions of
