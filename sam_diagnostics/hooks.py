@@ -158,15 +158,19 @@ class Capture:
             for o in rec.outputs:
                 names.append(name)
                 outs.append(o)
-        per_dir = []
-        for k in range(directions.shape[0]):
-            per_dir.append(torch.autograd.grad(
-                logits, outs, grad_outputs=directions[k], retain_graph=True,
-                allow_unused=True, materialize_grads=True,
-            ) if outs else ())
         result: dict[str, list[Tensor]] = {name: [] for name in self.records}
-        for j, name in enumerate(names):
-            result[name].append(torch.stack([g[j] for g in per_dir]))
+        if not outs:
+            return result
+        if directions.shape[0] == 1:
+            grads = [g[None] for g in torch.autograd.grad(
+                logits, outs, grad_outputs=directions[0], retain_graph=True, allow_unused=True,
+                materialize_grads=True)]
+        else:  # all K directions in one vmapped backward
+            grads = torch.autograd.grad(
+                logits, outs, grad_outputs=directions.contiguous(), retain_graph=True,
+                allow_unused=True, materialize_grads=True, is_grads_batched=True)
+        for name, g in zip(names, grads):
+            result[name].append(g)
         return result
 
     def check_all_fired(self, logits: Tensor) -> None:

@@ -179,7 +179,7 @@ def block_sq_norms(model, inputs, directions: Directions, aux=None, *, method="a
 def _finish(sq: dict[str, Tensor], per_block: bool, like: Tensor):
     if per_block:
         return {name: v.clamp_min(0).sqrt() for name, v in sq.items()}
-    total = sum(sq.values()) if sq else torch.zeros(like.shape[0], dtype=like.dtype)
+    total = sum(sq.values()) if sq else like.new_zeros(like.shape[0])
     return total.clamp_min(0).sqrt()
 
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from .hooks import Capture, Plan
-from .jacobian import check_loss, loss_directions, model_logits
+from .hooks import Capture
+from .jacobian import check_loss, model_logits
 
 __all__ = ["sam_epsilon", "perturbed", "group_slices", "per_example_offsets", "check_rho_m"]
 
@@ -53,9 +53,8 @@ def _normalize(g: dict[str, Tensor], rho: float, params: dict[str, Tensor], adap
     def t(n):
         return params[n].abs() if adaptive else 1.0
 
-    sq = sum((t(n) * v).flatten(lead).pow(2).sum(-1) for n, v in g.items())
-    norm = sq.sqrt()
-    scale = torch.where(norm > 0, rho / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    norm = sum((t(n) * v).flatten(lead).pow(2).sum(-1) for n, v in g.items()).sqrt()
+    scale = radius_scale(rho, norm)
     return {
         n: scale.reshape(*scale.shape, *[1] * (v.dim() - lead)) * (t(n) ** 2) * v
         for n, v in g.items()
@@ -149,24 +148,19 @@ def perturbed(model: nn.Module, eps: dict[str, Tensor]) -> Iterator[nn.Module]:
                 named[n].copy_(w)
 
 
-def per_example_offsets(model: nn.Module, inputs: Tensor, targets: Tensor, rho: float,
-                        plan: Plan, *, loss_fn, output_fn=None):
-    """1-SAM's ``ε_i`` in factored form, from one pass at ``w`` (per-layer rules).
+def radius_scale(rho: float, norm: Tensor) -> Tensor:
+    """``ρ / norm``, and ``0`` where the norm is zero (a zero gradient gives ``ε = 0``)."""
+    return torch.where(norm > 0, rho / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
 
-    Returns ``(capture, logits, cotangents, grad_norm, offsets)``: the recorded pass at ``w``
-    (graph kept), its logits, the output cotangents of ``Σ_i ℓ_i``, ``‖∇ℓ_i(w)‖`` ``[B]`` and the
-    offsets ``{entry: state}`` that :class:`~sam_diagnostics.hooks.Capture` applies to evaluate
-    every example at its own ``w + ε_i``. Raises ``NotFastError`` where the rules cannot be exact.
+
+def per_example_offsets(cap: Capture, grad_cots: dict, rho: float) -> tuple[Tensor, dict]:
+    """1-SAM's ``ε_i = ρ g_i / ‖g_i‖`` in factored form, from a recorded pass at ``w``.
+
+    ``grad_cots`` are the output cotangents of ``Σ_i ℓ_i`` (one direction: the logit term).
+    Returns ``(‖g_i‖ [B], offsets)``; the offsets ``{entry: state}`` make a
+    :class:`~sam_diagnostics.hooks.Capture` evaluate every example at its own ``w + ε_i``
+    without materializing any ``ε_i`` (for Linear layers ``W a' + c_i δ_i (a_i · a')``).
     """
-    from .rules import NotFastError
-
-    if plan.problem:
-        raise NotFastError(plan.problem)
-    with torch.enable_grad(), Capture(plan) as cap:
-        logits = model_logits(model, inputs, output_fn)
-    cap.check_all_fired(logits)
-    cots = cap.cotangents(logits, loss_directions(loss_fn)(logits.detach(), targets))
-    sq = cap.sq_norms(cots)
-    norm = (sum(sq.values()) if sq else torch.zeros(inputs.shape[0])).sqrt()
-    scale = torch.where(norm > 0, rho / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
-    return cap, logits, cots, norm, cap.prepare_offsets(cots, scale)
+    sq = cap.sq_norms(grad_cots)
+    norm = sum(sq.values()).sqrt()
+    return norm, cap.prepare_offsets(grad_cots, radius_scale(rho, norm))

@@ -27,7 +27,7 @@ from .jacobian import (
 )
 from .logit_terms import check_head, logit_scale, margin, per_example_loss
 from .norms import activation_norms, find_head, resolve_layers, weight_norms
-from .perturb import check_rho_m, group_slices, perturbed, sam_epsilon
+from .perturb import check_rho_m, group_slices, per_example_offsets, perturbed, sam_epsilon
 from .rules import NotFastError
 
 __all__ = ["Probe", "VIEWS"]
@@ -115,9 +115,7 @@ class Probe:
         grd = cap.sq_norms(grad_cots)
         view = _View(logits.detach(), jac, grd, activation_norms(acts))
         if rho is not None:
-            norm = _total(grd, logits).sqrt()
-            scale = torch.where(norm > 0, rho / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
-            view.offsets = cap.prepare_offsets(grad_cots, scale)
+            view.offsets = per_example_offsets(cap, grad_cots, rho)[1]
         return view
 
     def _exact_view(self, x, y, layers, plan, eps=None) -> _View:
@@ -244,7 +242,7 @@ class Probe:
         }
         if self.per_block:
             blocks = sorted(set(sgd.jac_sq) | set(sam.jac_sq))
-            zero = torch.zeros(B, dtype=sgd.logits.dtype)
+            zero = sgd.logits.new_zeros(B)
             data["jacobian_norm_block"] = (("view", "example", "block"), np.stack([
                 np.stack([np_(v.jac_sq.get(b, zero).sqrt()) for b in blocks], -1)
                 for v in (sgd, sam)]))

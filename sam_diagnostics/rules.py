@@ -104,7 +104,7 @@ class Rule:
     def sq_norms(self, module, inputs: Sequence, cots: Sequence[Tensor], state=None):
         """Per-example ``Σ_k ‖g_{k,i}‖²`` for each trainable parameter, ``{name: [B]}``."""
         return {
-            n: g.flatten(2).pow(2).sum(dim=(0, 2))
+            n: sumsq(g.flatten(2), (0, 2))
             for n, g in self._summed_grads(module, inputs, cots, state).items()
         }
 
@@ -114,6 +114,11 @@ class Rule:
             n: g[0] * scale.reshape(-1, *[1] * (g.dim() - 2)).to(g.dtype)
             for n, g in self._summed_grads(module, inputs, cots).items()
         }
+
+
+def sumsq(x: Tensor, dim) -> Tensor:
+    """``Σ x²`` over ``dim`` as one fused reduction (no squared copy of ``x``)."""
+    return torch.linalg.vector_norm(x, dim=dim).square()
 
 
 def _flat_seq(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,6 +133,8 @@ class LinearRule(Rule):
 
     def _cat(self, inputs, cots):
         pairs = [_flat_seq(a[0][0], b) for a, b in zip(inputs, cots)]
+        if len(pairs) == 1:
+            return pairs[0]
         return torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 2)
 
     def sq_norms(self, module, inputs, cots, state=None):
@@ -137,16 +144,16 @@ class LinearRule(Rule):
         out = {}
         if module.weight.requires_grad:
             if S == 1:
-                out["weight"] = a[:, 0].pow(2).sum(-1) * b[:, :, 0].pow(2).sum(dim=(0, 2))
+                out["weight"] = sumsq(a[:, 0], -1) * sumsq(b[:, :, 0], (0, 2))
             elif S * (I + K * O) <= K * I * O:  # Gram form is cheaper
                 ga = a @ a.transpose(1, 2)
                 gb = torch.einsum("kbso,kbto->bst", b, b)
                 out["weight"] = (ga * gb).sum(dim=(1, 2))
             else:
                 g = torch.einsum("kbso,bsi->kboi", b, a)
-                out["weight"] = g.pow(2).sum(dim=(0, 2, 3))
+                out["weight"] = sumsq(g, (0, 2, 3))
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = b.sum(2).pow(2).sum(dim=(0, 2))
+            out["bias"] = sumsq(b.sum(2), (0, 2))
         return out
 
     def prepare(self, module, inputs, cots, scale):
@@ -253,7 +260,7 @@ class ConvRule(Rule):
                 gb = torch.einsum("kbgol,kbgom->bglm", bb, bb)
                 out = {"weight": (gp * gb).sum(dim=(1, 2, 3))}
                 if module.bias is not None and module.bias.requires_grad:
-                    out["bias"] = bb.sum(-1).pow(2).sum(dim=(0, 2, 3))
+                    out["bias"] = sumsq(bb.sum(-1), (0, 2, 3))
                 return out
         return super().sq_norms(module, inputs, cots)
 

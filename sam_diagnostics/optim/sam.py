@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vjp, vmap
 from ..hooks import Capture, check_per_example, make_plan
 from ..jacobian import check_inputs, check_loss, model_logits
 from ..logit_terms import check_head, per_example_loss
-from ..perturb import _normalize, check_rho_m, group_slices
+from ..perturb import _normalize, check_rho_m, group_slices, per_example_offsets
 from ..rules import NotFastError
 
 __all__ = ["SAM", "VARIANTS"]
@@ -187,11 +187,7 @@ class SAM:
             cap.check_all_fired(logits)
             loss = self._loss(logits, y)
             delta_w = _logit_grad(self.loss_fn, logits, y)
-            cots = cap.cotangents(logits, delta_w[None])
-            norm = sum(cap.sq_norms(cots).values()).sqrt()
-            scale = torch.where(norm > 0, self.rho / norm.clamp_min(torch.finfo(norm.dtype).tiny),
-                                0.0)
-            offsets = cap.prepare_offsets(cots, scale)
+            _, offsets = per_example_offsets(cap, cap.cotangents(logits, delta_w[None]), self.rho)
             with frozen_buffers(model):
                 if self.variant == "lsam":
                     with torch.no_grad(), Capture(plan, offsets, record=False):

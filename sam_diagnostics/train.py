@@ -1,0 +1,306 @@
+"""One instrumented training run: data, model, optimizer, loop, :class:`Recorder`.
+
+:func:`train` is what ``sam-diagnostics train`` runs; analyses call it directly::
+
+    from sam_diagnostics.train import TrainConfig, train
+    ds = train(TrainConfig(dataset="digits", optimizer="sam", epochs=3), "run.zarr")
+
+Reproducibility: the label noise, the train/validation split and the probe set come from
+``seed`` through private generators; the model is initialized from ``seed``; the minibatch order
+comes from a ``torch.Generator`` seeded with ``seed`` that belongs to the run's DataLoader; and
+the loop runs inside ``torch.random.fork_rng`` with ``torch.manual_seed(seed)``, so anything that
+does draw from the global generator is seeded too and the caller's RNG state is left untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+from .data import DATASETS, NOISE_MODES, load_dataset
+from .models import MODELS, build_model
+from .record import Recorder
+
+__all__ = ["OPTIMIZER_NAMES", "TrainConfig", "train", "run_summary_line"]
+
+#: Names accepted by ``TrainConfig.optimizer`` (``sam_diagnostics.optim.OPTIMIZERS``).
+OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "sam", "lsam", "jsam", "regsgd")
+
+#: Fields that describe where/how a run executes, not what it computes: not stored as attrs
+#: and not compared when a sweep decides whether an existing run is the one asked for.
+RUNTIME_FIELDS: tuple[str, ...] = ("data_dir", "device")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one run (defaults: the label-noise study's pilot settings).
+
+    Attributes
+    ----------
+    dataset : {"digits", "mnist1d", "gaussian", "cifar10"}
+    model : {"linear", "mlp", "cnn", "resnet18", "two_layer_linear"}
+    optimizer : {"sgd", "sam", "lsam", "jsam", "regsgd"}
+    rho : float
+        SAM radius (also the radius of the probe's SAM view, for every optimizer).
+    m : int
+        Examples per perturbation group; 1 = 1-SAM, 0 = one ε for the whole batch.
+    lr, momentum, weight_decay : float
+        The base SGD (constant learning rate).
+    batch_size, epochs : int
+    seed : int
+        Seeds the label noise, the split, the probe set, the model and the batch order.
+    noise_rate : float
+        Label-noise rate in [0, 1).
+    noise_mode : {"symmetric", "asymmetric"}
+    gamma_act, gamma_weight : float
+        Penalties of regularized SGD.
+    val_fraction : float
+        Fraction of the noisy training pool held out for validation.
+    n_samples : int or None
+        Size of the training pool (None = the whole source).
+    width : int
+        Hidden width of the MLPs.
+    probe_size : int
+        Probe examples (stratified clean/noisy; capped at the training-set size).
+    record_every : int
+        Record every this many epochs (0 = only at the start and the end).
+    record_every_steps : int
+        Also record every this many optimizer steps (0 = off).
+    eval_batch_size : int
+        Batch size of the accuracy evaluation.
+    data_dir : str or None
+        Folder with the CIFAR-10 binary files.
+    device : str
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    """
+
+    dataset: str = "mnist1d"
+    model: str = "mlp"
+    optimizer: str = "sgd"
+    rho: float = 0.05
+    m: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 200
+    seed: int = 0
+    noise_rate: float = 0.3
+    noise_mode: str = "symmetric"
+    gamma_act: float = 1e-2
+    gamma_weight: float = 1e-2
+    val_fraction: float = 0.1
+    n_samples: int | None = None
+    width: int = 256
+    probe_size: int = 256
+    record_every: int = 1
+    record_every_steps: int = 0
+    eval_batch_size: int = 1024
+    data_dir: str | None = None
+    device: str = "cpu"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping, ignoring keys that are not fields (e.g. stored attrs)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def validate(self) -> TrainConfig:
+        """Raise ``ValueError`` with a one-line message for the first bad setting."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
+        if self.noise_mode not in NOISE_MODES:
+            raise ValueError(
+                f"unknown noise mode {self.noise_mode!r}; choose from {', '.join(NOISE_MODES)}")
+        if not _is_number(self.noise_rate) or not 0.0 <= float(self.noise_rate) < 1.0:
+            raise ValueError(f"noise rate must be in [0, 1), got {self.noise_rate!r}")
+        if not _is_number(self.val_fraction) or not 0.0 <= float(self.val_fraction) < 1.0:
+            raise ValueError(f"val fraction must be in [0, 1), got {self.val_fraction!r}")
+        for name in ("rho", "momentum", "weight_decay", "gamma_act", "gamma_weight"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("batch_size", "epochs", "width", "probe_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("m", "seed", "record_every", "record_every_steps"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.n_samples is not None and (not _is_int(self.n_samples) or self.n_samples < 1):
+            raise ValueError(f"n_samples must be a positive integer, got {self.n_samples!r}")
+        if self.dataset == "cifar10":
+            if not self.data_dir:
+                raise ValueError("cifar10 needs --data-dir (data_dir=...): the folder with the "
+                                 "official binary CIFAR-10 files")
+            if not Path(self.data_dir).expanduser().is_dir():
+                raise ValueError(f"data dir {self.data_dir!r} is not a folder")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"bad device {self.device!r}: {err}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} is not available (no CUDA on this machine)")
+        if device.type == "cuda" and device.index is not None and (
+                device.index >= torch.cuda.device_count()):
+            raise ValueError(f"device {self.device!r} does not exist "
+                             f"({torch.cuda.device_count()} CUDA devices)")
+        return self
+
+    def attrs(self) -> dict[str, Any]:
+        """The configuration as run attributes (scalars and strings; no runtime fields)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in RUNTIME_FIELDS:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = 0 if value is None else value  # n_samples None -> 0 (= all)
+        return out
+
+
+def _config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return dataclasses.replace(config)
+    if isinstance(config, Mapping):
+        unknown = set(config) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return TrainConfig(**config)
+    raise TypeError(f"config must be a TrainConfig or a mapping, got {type(config).__name__}")
+
+
+def run_summary_line(ds: xr.Dataset, seconds: float | None = None) -> str:
+    """One line: the run's method and its best / final test accuracy."""
+    a = ds.attrs
+    method = a.get("optimizer", "?")
+    extra = "" if method in ("sgd", "regsgd") else f" rho={a.get('rho')} m={a.get('m')}"
+    parts = [f"{a.get('dataset', '?')}/{a.get('model', '?')} {method}{extra} "
+             f"seed={a.get('seed')} noise={a.get('noise_rate')}"]
+    if "test_accuracy" in ds.data_vars and ds.sizes.get("step", 0):
+        acc = np.asarray(ds["test_accuracy"].values, dtype=float)
+        if (~np.isnan(acc)).any():
+            best = int(np.nanargmax(acc))
+            epoch = float(ds["epoch"].values[best]) if "epoch" in ds.coords else math.nan
+            parts.append(f"best test acc {acc[best]:.2%} at epoch {epoch:g}")
+            parts.append(f"final {acc[~np.isnan(acc)][-1]:.2%}")
+        if "noisy_train_accuracy" in ds.data_vars:
+            noisy = float(ds["noisy_train_accuracy"].values[-1])
+            if not math.isnan(noisy):
+                parts.append(f"noisy-label fit {noisy:.2%}")
+    if seconds is not None:
+        parts.append(f"{seconds:.1f} s")
+    return ", ".join(parts)
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any],
+    out: str | PathLike | None = None,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    flush_every: int = 16,
+    flush_seconds: float = 30.0,
+) -> xr.Dataset:
+    """Train one model with one optimizer and record it.
+
+    Parameters
+    ----------
+    config : TrainConfig or mapping
+        What to run (validated first: a bad setting raises ``ValueError`` before any work).
+    out : path, optional
+        The zarr store to stream the run to (must not exist unless ``overwrite``); ``None``
+        keeps the run in memory only.
+    progress : bool
+        Show a tqdm progress bar (on stderr).
+    overwrite : bool
+        Replace an existing run at ``out``.
+    flush_every, flush_seconds : int, float
+        Buffering of the store (see :class:`~sam_diagnostics.record.RunStore`).
+
+    Returns
+    -------
+    xarray.Dataset
+        The recorded run (SPEC section 3), with attrs ``complete=1``.
+    """
+    cfg = _config(config).validate()
+    if out is not None and Path(out).expanduser().exists() and not overwrite:
+        raise FileExistsError(f"{str(out)!r} already exists; pass --overwrite (overwrite=True) "
+                              "to replace it")
+    from tqdm.auto import tqdm
+
+    from .optim import make_optimizer
+
+    device = torch.device(cfg.device)
+    splits = load_dataset(cfg.dataset, noise=cfg.noise_rate, noise_mode=cfg.noise_mode,
+                          seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir,
+                          n_samples=cfg.n_samples)
+    model = build_model(cfg.model, splits.input_shape, splits.num_classes, width=cfg.width,
+                        seed=cfg.seed).to(device)
+    stepper = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum,
+                             weight_decay=cfg.weight_decay, rho=cfg.rho,
+                             m=cfg.m if cfg.m > 0 else None, gamma_act=cfg.gamma_act,
+                             gamma_weight=cfg.gamma_weight)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = BatchSampler(RandomSampler(splits.train, generator=generator), cfg.batch_size,
+                           drop_last=False)
+    # each fetch indexes the dataset with a whole batch of positions: no per-example collate
+    loader = DataLoader(splits.train, sampler=sampler, batch_size=None)
+    steps_per_epoch = len(loader)
+
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)
+        rec = Recorder(model, out, probe=cfg.probe_size, train=splits.train, test=splits.test,
+                       val=splits.val, config=cfg.attrs(), every_epochs=cfg.record_every,
+                       every_steps=cfg.record_every_steps, steps_per_epoch=steps_per_epoch,
+                       rho=cfg.rho, m=cfg.m, probe_seed=cfg.seed,
+                       eval_batch_size=cfg.eval_batch_size, overwrite=overwrite,
+                       flush_every=flush_every, flush_seconds=flush_seconds,
+                       keep=out is None)
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not progress, unit="step",
+                   desc=f"{cfg.optimizer} seed {cfg.seed}", dynamic_ncols=True, leave=True)
+        try:
+            with rec:
+                model.train()
+                for epoch in range(cfg.epochs):
+                    for inputs, targets, _ in loader:
+                        inputs = inputs.to(device, non_blocking=True)
+                        targets = targets.to(device, non_blocking=True)
+                        loss = stepper.step(inputs, targets)
+                        record = rec.step(loss)
+                        bar.update(1)
+                        if record is not None and "test_accuracy" in record:
+                            bar.set_postfix(epoch=epoch + 1,
+                                            test_acc=f"{float(record['test_accuracy'][0]):.3f}",
+                                            refresh=False)
+                if rec.last_recorded_step != rec.global_step:
+                    rec.record()  # the final state, if the schedule skipped it
+        finally:
+            bar.close()
+    return rec.dataset()
