@@ -113,9 +113,14 @@ def logit_term(logits: Tensor, targets: Tensor) -> Tensor:
     ``−s_i σ(−s_i f_i)`` with ``s_i = 2 y_i − 1``.
     """
     logits, targets = check_head(logits, targets)
+    # Computed without cancellation: for a confident correct example 1 − p_y is summed from the
+    # other classes' probabilities, never subtracted from 1 (relative accuracy at any margin).
     if logits.dim() == 1:
-        return torch.sigmoid(logits) - targets
-    return torch.softmax(logits, dim=1) - F.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        return torch.where(targets == 1, -torch.sigmoid(-logits), torch.sigmoid(logits))
+    p = torch.softmax(logits, dim=1)
+    idx = targets[:, None]
+    rest = p.scatter(1, idx, 0.0).sum(dim=1, keepdim=True)
+    return p.scatter(1, idx, -rest)
 
 
 def logit_scale(logits: Tensor, targets: Tensor) -> Tensor:
@@ -134,7 +139,11 @@ def logit_scale(logits: Tensor, targets: Tensor) -> Tensor:
     tensor([0.5000])
     """
     delta = logit_term(logits, targets)
-    return delta.abs() if delta.dim() == 1 else delta.norm(dim=1)
+    if delta.dim() == 1:
+        return delta.abs()
+    # scaled norm: the squares of tiny entries would underflow (float32 below ~1e-19)
+    big = delta.abs().amax(dim=1, keepdim=True)
+    return big[:, 0] * (delta / big.clamp_min(torch.finfo(delta.dtype).tiny)).norm(dim=1)
 
 
 def margin(logits: Tensor, targets: Tensor) -> Tensor:

@@ -174,3 +174,19 @@ def test_trainable_helper_consistency():
     model, _, _ = make(PROBLEMS[4])
     assert len(trainable(model)) == 3
     assert isinstance(model, nn.Module)
+
+
+def test_logit_scale_keeps_relative_precision_on_confident_examples():
+    """Regression: σ(f) − 1 and softmax − onehot cancel for large margins (found by the
+    linear-logistic analysis: ratios became NaN/inf on confident clean examples)."""
+    f = torch.tensor([8.0, 12.0, 17.0, 40.0])
+    torch.testing.assert_close(sd.logit_scale(f, torch.ones(4, dtype=torch.long)),
+                               torch.sigmoid(-f), rtol=1e-6, atol=0)
+    z = torch.tensor([[20.0, 0.0, 0.0], [60.0, 1.0, -2.0]])
+    y = torch.tensor([0, 0])
+    p = torch.softmax(z.double(), 1)
+    expected = torch.sqrt((1 - p[:, 0]) ** 2 + p[:, 1] ** 2 + p[:, 2] ** 2)
+    expected[0] = (6 ** 0.5) * torch.exp(torch.tensor(-20.0, dtype=torch.float64))
+    tail = torch.exp(torch.tensor([-59.0, -62.0], dtype=torch.float64))
+    expected[1] = torch.sqrt(tail.sum() ** 2 + (tail ** 2).sum())
+    torch.testing.assert_close(sd.logit_scale(z, y).double(), expected, rtol=1e-5, atol=0)
