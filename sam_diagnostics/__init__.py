@@ -7,7 +7,9 @@ from .logit_terms import logit_scale, logit_term, margin, per_example_loss
 from .optim import SAM, RegularizedSGD, SGDStep, make_optimizer
 from .perturb import group_slices, perturbed, sam_epsilon
 from .probe import Probe
+from .record import Recorder, merge_runs, open_run, to_netcdf
 from .rules import register_rule
+from .train import TrainConfig, train
 
 __all__ = [
     "__version__",
@@ -26,4 +28,10 @@ __all__ = [
     "perturbed",
     "sam_epsilon",
     "register_rule",
+    "Recorder",
+    "open_run",
+    "merge_runs",
+    "to_netcdf",
+    "train",
+    "TrainConfig",
 ]

@@ -23,7 +23,7 @@ data variables
     the previous record; NaN for the record before the first step).
 attrs
     The run configuration (scalars and strings only), ``sam_diagnostics_version``, the probe's
-    settings (``probe_rho``, ``probe_m`` with 0 = whole probe batch, ``probe_size``, ``head``,
+    settings (``probe_rho``, ``probe_m`` with 0 = whole probe batch, ``probe_examples``, ``head``,
     ``probe_method``) and ``complete`` (1 once the run finished, 0 while running or if killed).
 
 Storage
@@ -42,10 +42,12 @@ giving each rank a disjoint, chunk-aligned share of the probe set keeps one writ
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401 - its exit hook must precede ours
 import functools
 import json
 import math
 import shutil
+import threading
 import time
 import warnings
 import weakref
@@ -173,11 +175,28 @@ def _remove_store(path: Path) -> None:
 
 def _flush_at_exit(ref: weakref.ref) -> None:
     store = ref()
-    if store is not None:
+    if store is not None and not store._closed:
         try:
             store.flush()
         except Exception as err:  # never turn an exit into a traceback
             warnings.warn(f"could not flush {store.path}: {err}", RuntimeWarning, stacklevel=1)
+
+
+def _register_exit_flush(callback) -> None:
+    """Run ``callback`` when the interpreter exits, while thread pools still work.
+
+    zarr writes through thread pools, and ``concurrent.futures`` refuses new work once the
+    interpreter shuts down, before plain ``atexit`` handlers run; ``threading``'s own exit hooks
+    run earlier (last registered first), so the flush goes there when available.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(callback)
+            return
+        except RuntimeError:  # already shutting down
+            pass
+    atexit.register(callback)
 
 
 class RunStore:
@@ -234,8 +253,7 @@ class RunStore:
         self._created = False
         self._closed = False
         self._last_write = time.monotonic()
-        self._atexit = functools.partial(_flush_at_exit, weakref.ref(self))
-        atexit.register(self._atexit)
+        _register_exit_flush(functools.partial(_flush_at_exit, weakref.ref(self)))
 
     @property
     def steps_written(self) -> int:
@@ -325,7 +343,6 @@ class RunStore:
                 self.flush()
         finally:
             self._closed = True
-            atexit.unregister(self._atexit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +398,7 @@ class Recorder:
         step-scheduled records a fractional ``epoch``.
     rho, m : optional
         Radius and group size of the probe's SAM view (default: ``config``'s, else 0.05 and 1;
-        ``m = 0`` or ``None`` = one ε for the whole probe batch).
+        ``m = 0`` = one ε for the whole probe batch).
     probe_options : mapping, optional
         Extra :class:`~sam_diagnostics.Probe` arguments (``layers``, ``head``, ``method``,
         ``per_block``, ``loss_fn``, ``output_fn``).
@@ -402,13 +419,17 @@ class Recorder:
     --------
     A plain loop needs three added lines (marked)::
 
-        with Recorder(model, "run.zarr", probe=256, train=splits.train,      # 1
-                      test=splits.test, steps_per_epoch=len(loader)) as rec:  # (same call)
-            for epoch in range(epochs):
-                for x, y, _ in loader:
-                    loss = opt.step(x, y)
-                    rec.step(loss)                                            # 2
-        ds = open_run("run.zarr")                                             # 3
+        loader = DataLoader(splits.train, batch_size=128, shuffle=True)
+        rec = Recorder(model, "run.zarr", probe=256, train=splits.train,  # added
+                       test=splits.test, steps_per_epoch=len(loader))
+        for epoch in range(epochs):
+            for x, y, _ in loader:
+                loss = opt.step(x, y)
+                rec.step(loss)                                             # added
+        rec.close()                                                        # added
+        ds = open_run("run.zarr")
+
+    ``with Recorder(...) as rec:`` closes it too, marking the run incomplete on an exception.
     """
 
     def __init__(
@@ -425,7 +446,7 @@ class Recorder:
         every_steps: int | None = None,
         steps_per_epoch: int | None = None,
         rho: float | None = None,
-        m: int | None = -1,
+        m: int | None = None,
         probe_options: Mapping[str, Any] | None = None,
         probe_seed: int = 0,
         probe_batch_size: int | None = None,
@@ -462,9 +483,11 @@ class Recorder:
         self.every_steps = int(every_steps or 0)
         self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
         self.rho = float(config.get("rho", 0.05) if rho is None else rho)
-        if m == -1:
+        if m is None:
             m = config.get("m", 1)
-        self.m = None if m in (None, 0) else int(m)
+        if isinstance(m, bool) or int(m) != m or m < 0:
+            raise ValueError(f"m must be an integer >= 0 (0 = whole probe batch), got {m!r}")
+        self.m = None if m == 0 else int(m)
         options = dict(probe_options or {})
         self.output_fn = options.get("output_fn")
         self.loss_fn = options.get("loss_fn") or per_example_loss
@@ -484,6 +507,7 @@ class Recorder:
         self._template: xr.Dataset | None = None
         self._device_cache: tuple[torch.device, tuple[Tensor, Tensor]] | None = None
         self.records: list[xr.Dataset] = []
+        self.probe_head: str | None = None
         self._closed = False
 
         self.attrs = _clean_attrs({
@@ -491,7 +515,7 @@ class Recorder:
             "sam_diagnostics_version": __version__,
             "probe_rho": self.rho,
             "probe_m": 0 if self.m is None else self.m,
-            "probe_size": len(probe),
+            "probe_examples": len(probe),
             "probe_method": self.probe.method,
             "record_every_epochs": self.every_epochs,
             "record_every_steps": self.every_steps,
@@ -603,7 +627,8 @@ class Recorder:
                 x = data.inputs[start:start + self.eval_batch_size].to(device, non_blocking=True)
                 y = data.labels[start:start + self.eval_batch_size].to(device, non_blocking=True)
                 logits = model_logits(self.model, x, self.output_fn)
-                correct.append(_predictions(logits) == y)
+                finite = torch.isfinite(logits.reshape(logits.shape[0], -1)).all(dim=1)
+                correct.append((_predictions(logits) == y) & finite)  # diverged = wrong
                 loss_fn = getattr(self.loss_fn, "unchecked", self.loss_fn)
                 losses.append(loss_fn(logits, y).float())
         if not correct:
@@ -654,7 +679,7 @@ class Recorder:
         ds = ds.assign_coords(epoch=("step", [self.epoch]))
         for name, value in curves.items():
             ds[name] = ("step", np.array([value], dtype=np.float64))
-        if getattr(self, "probe_head", None):
+        if self.probe_head:
             self.attrs["head"] = self.probe_head
         ds.attrs = dict(self.attrs)
         if self.store is not None:
@@ -1010,10 +1035,13 @@ def summary_table(runs: xr.Dataset | str | PathLike | Iterable[str | PathLike]) 
         for p in paths:
             ds = open_run(p, load=False)
             present = [c for c in CURVES if c in ds.data_vars]
-            small = ds[present].load()
+            small = ds[present].load()  # the curves only: per-example data stay on disk
             small.attrs = dict(ds.attrs)
             ds.close()
-            rows.append({"run": _run_name(p), **_summarize_one(small)})
+            if "run" in small.dims:  # a file of merged runs
+                rows.extend(summary_table(small).to_dict("records"))
+            else:
+                rows.append({"run": _run_name(p), **_summarize_one(small)})
     return pd.DataFrame(rows)
 
 

@@ -31,7 +31,7 @@ from .data import DATASETS, NOISE_MODES, load_dataset
 from .models import MODELS, build_model
 from .record import Recorder
 
-__all__ = ["OPTIMIZER_NAMES", "TrainConfig", "train", "run_summary_line"]
+__all__ = ["ConfigError", "OPTIMIZER_NAMES", "TrainConfig", "train", "run_summary_line"]
 
 #: Names accepted by ``TrainConfig.optimizer`` (``sam_diagnostics.optim.OPTIMIZERS``).
 OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "sam", "lsam", "jsam", "regsgd")
@@ -39,6 +39,10 @@ OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "sam", "lsam", "jsam", "regsgd")
 #: Fields that describe where/how a run executes, not what it computes: not stored as attrs
 #: and not compared when a sweep decides whether an existing run is the one asked for.
 RUNTIME_FIELDS: tuple[str, ...] = ("data_dir", "device")
+
+
+class ConfigError(ValueError):
+    """A run's configuration cannot work (bad value, missing data, existing output)."""
 
 
 def _is_int(value: Any) -> bool:
@@ -124,52 +128,54 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def validate(self) -> TrainConfig:
-        """Raise ``ValueError`` with a one-line message for the first bad setting."""
+        """Raise :class:`ConfigError` (a ``ValueError``): one line about the first bad setting."""
         if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+            raise ConfigError(
+                f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+            raise ConfigError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         if self.optimizer not in OPTIMIZER_NAMES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
         if self.noise_mode not in NOISE_MODES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown noise mode {self.noise_mode!r}; choose from {', '.join(NOISE_MODES)}")
         if not _is_number(self.noise_rate) or not 0.0 <= float(self.noise_rate) < 1.0:
-            raise ValueError(f"noise rate must be in [0, 1), got {self.noise_rate!r}")
+            raise ConfigError(f"noise rate must be in [0, 1), got {self.noise_rate!r}")
         if not _is_number(self.val_fraction) or not 0.0 <= float(self.val_fraction) < 1.0:
-            raise ValueError(f"val fraction must be in [0, 1), got {self.val_fraction!r}")
+            raise ConfigError(f"val fraction must be in [0, 1), got {self.val_fraction!r}")
         for name in ("rho", "momentum", "weight_decay", "gamma_act", "gamma_weight"):
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
         for name in ("batch_size", "epochs", "width", "probe_size", "eval_batch_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("m", "seed", "record_every", "record_every_steps"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if self.n_samples is not None and (not _is_int(self.n_samples) or self.n_samples < 1):
-            raise ValueError(f"n_samples must be a positive integer, got {self.n_samples!r}")
+            raise ConfigError(f"n_samples must be a positive integer, got {self.n_samples!r}")
         if self.dataset == "cifar10":
             if not self.data_dir:
-                raise ValueError("cifar10 needs --data-dir (data_dir=...): the folder with the "
+                raise ConfigError("cifar10 needs --data-dir (data_dir=...): the folder with the "
                                  "official binary CIFAR-10 files")
             if not Path(self.data_dir).expanduser().is_dir():
-                raise ValueError(f"data dir {self.data_dir!r} is not a folder")
+                raise ConfigError(f"data dir {self.data_dir!r} is not a folder")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"bad device {self.device!r}: {err}") from None
+            raise ConfigError(f"bad device {self.device!r}: {err}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} is not available (no CUDA on this machine)")
+            raise ConfigError(
+                f"device {self.device!r} is not available (no CUDA on this machine)")
         if device.type == "cuda" and device.index is not None and (
                 device.index >= torch.cuda.device_count()):
-            raise ValueError(f"device {self.device!r} does not exist "
+            raise ConfigError(f"device {self.device!r} does not exist "
                              f"({torch.cuda.device_count()} CUDA devices)")
         return self
 
@@ -190,7 +196,7 @@ def _config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     if isinstance(config, Mapping):
         unknown = set(config) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
         return TrainConfig(**config)
     raise TypeError(f"config must be a TrainConfig or a mapping, got {type(config).__name__}")
 
@@ -232,7 +238,8 @@ def train(
     Parameters
     ----------
     config : TrainConfig or mapping
-        What to run (validated first: a bad setting raises ``ValueError`` before any work).
+        What to run (validated first: a bad setting raises :class:`ConfigError`, a
+        ``ValueError``, before any work).
     out : path, optional
         The zarr store to stream the run to (must not exist unless ``overwrite``); ``None``
         keeps the run in memory only.
@@ -257,15 +264,21 @@ def train(
     from .optim import make_optimizer
 
     device = torch.device(cfg.device)
-    splits = load_dataset(cfg.dataset, noise=cfg.noise_rate, noise_mode=cfg.noise_mode,
-                          seed=cfg.seed, val_fraction=cfg.val_fraction, data_dir=cfg.data_dir,
-                          n_samples=cfg.n_samples)
-    model = build_model(cfg.model, splits.input_shape, splits.num_classes, width=cfg.width,
-                        seed=cfg.seed).to(device)
-    stepper = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum,
-                             weight_decay=cfg.weight_decay, rho=cfg.rho,
-                             m=cfg.m if cfg.m > 0 else None, gamma_act=cfg.gamma_act,
-                             gamma_weight=cfg.gamma_weight)
+    try:
+        splits = load_dataset(cfg.dataset, noise=cfg.noise_rate, noise_mode=cfg.noise_mode,
+                              seed=cfg.seed, val_fraction=cfg.val_fraction,
+                              data_dir=cfg.data_dir, n_samples=cfg.n_samples)
+    except ValueError as err:  # missing/corrupt data files, sizes the source cannot give
+        raise ConfigError(str(err)) from err
+    try:
+        model = build_model(cfg.model, splits.input_shape, splits.num_classes, width=cfg.width,
+                            seed=cfg.seed).to(device)
+        stepper = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay, rho=cfg.rho,
+                                 m=cfg.m if cfg.m > 0 else None, gamma_act=cfg.gamma_act,
+                                 gamma_weight=cfg.gamma_weight)
+    except ValueError as err:  # e.g. a model that does not fit the data's input shape
+        raise ConfigError(str(err)) from err
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = BatchSampler(RandomSampler(splits.train, generator=generator), cfg.batch_size,
                            drop_last=False)

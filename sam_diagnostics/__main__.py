@@ -1,0 +1,8 @@
+"""``python -m sam_diagnostics``: the ``sam-diagnostics`` command line."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

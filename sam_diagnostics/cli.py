@@ -1,0 +1,483 @@
+"""The ``sam-diagnostics`` command line: train, sweep, summary, plot.
+
+Examples
+--------
+::
+
+    sam-diagnostics train --dataset digits --optimizer sam --m 1 --noise 0.3 --epochs 3 \\
+        --out run.zarr
+    sam-diagnostics summary run.zarr
+    sam-diagnostics plot run.zarr --out figs
+    sam-diagnostics sweep --dataset mnist1d --optimizers sgd sam jsam --seeds 0-4 \\
+        --rho 0.03 0.05 --epochs 100 --out runs/ --jobs 2
+    sam-diagnostics summary runs/
+
+A bad configuration (unknown name, a value out of range, missing data, an existing output
+without ``--overwrite``) prints one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .data import DATASETS, NOISE_MODES
+from .models import MODELS
+from .train import OPTIMIZER_NAMES, ConfigError, TrainConfig
+
+__all__ = ["main", "build_parser"]
+
+_DEFAULTS = TrainConfig()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Fail(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _ranged_ints(values: Sequence[str]) -> list[int]:
+    """``["0-2", "5"]`` or ``["0,1", "7"]`` -> ``[0, 1, 2, 5]``."""
+    out: list[int] = []
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            lo, sep, hi = part.partition("-")
+            try:
+                if sep and lo:
+                    out.extend(range(int(lo), int(hi) + 1))
+                else:
+                    out.append(int(part))
+            except ValueError:
+                raise _Fail(f"bad seed {part!r}: use integers or ranges like 0-4") from None
+    return list(dict.fromkeys(out))
+
+
+def _split_list(values: Sequence[str], kind=str) -> list:
+    out = []
+    for value in values:
+        for part in str(value).split(","):
+            if part.strip():
+                try:
+                    out.append(kind(part.strip()))
+                except ValueError:
+                    raise _Fail(f"bad value {part!r}") from None
+    return list(dict.fromkeys(out))
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, sweep: bool) -> None:
+    d = _DEFAULTS
+    p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+                   help=f"data set (default {d.dataset})")
+    p.add_argument("--model", choices=MODELS, default=d.model, help=f"model (default {d.model})")
+    if sweep:
+        p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZER_NAMES),
+                       metavar="NAME", help="optimizers to run, from "
+                       f"{{{','.join(OPTIMIZER_NAMES)}}} (default: all)")
+        p.add_argument("--seeds", nargs="+", default=["0"], metavar="S",
+                       help="seeds: integers or ranges like 0-4 (default 0)")
+        p.add_argument("--rho", nargs="+", type=float, default=[d.rho], metavar="R",
+                       help=f"SAM radii (default {d.rho}); sgd and regsgd ignore rho and run "
+                       "once, at the first value")
+    else:
+        p.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default=d.optimizer,
+                       help=f"optimizer (default {d.optimizer})")
+        p.add_argument("--rho", type=float, default=d.rho,
+                       help=f"SAM radius, also the probe's SAM-view radius (default {d.rho})")
+        p.add_argument("--seed", type=int, default=d.seed, help="seed of noise, split, probe, "
+                       f"init and batch order (default {d.seed})")
+    p.add_argument("--m", type=int, default=d.m,
+                   help=f"examples per perturbation group: 1 = 1-SAM, 0 = whole batch "
+                   f"(default {d.m})")
+    p.add_argument("--noise", type=float, default=d.noise_rate, dest="noise_rate",
+                   help=f"label-noise rate in [0, 1) (default {d.noise_rate})")
+    p.add_argument("--noise-mode", choices=NOISE_MODES, default=d.noise_mode,
+                   help=f"label-noise model (default {d.noise_mode})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"(default {d.epochs})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr})")
+    p.add_argument("--momentum", type=float, default=d.momentum, help=f"(default {d.momentum})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"(default {d.weight_decay})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"(default {d.batch_size})")
+    p.add_argument("--gamma-act", type=float, default=d.gamma_act,
+                   help=f"regsgd activation penalty (default {d.gamma_act})")
+    p.add_argument("--gamma-weight", type=float, default=d.gamma_weight,
+                   help=f"regsgd last-layer weight penalty (default {d.gamma_weight})")
+    p.add_argument("--width", type=int, default=d.width, help=f"MLP width (default {d.width})")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help="size of the training pool (default: the whole source)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help=f"validation share of the noisy pool (default {d.val_fraction})")
+    p.add_argument("--probe-size", type=int, default=d.probe_size,
+                   help=f"probe examples, stratified clean/noisy (default {d.probe_size})")
+    p.add_argument("--record-every", type=int, default=d.record_every, metavar="EPOCHS",
+                   help=f"record every this many epochs (default {d.record_every})")
+    p.add_argument("--record-every-steps", type=int, default=d.record_every_steps,
+                   metavar="STEPS", help="also record every this many steps (default: off)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the official binary CIFAR-10 files (cifar10 only)")
+    p.add_argument("--device", default=d.device, help=f"torch device (default {d.device})")
+    p.add_argument("--flush-every", type=int, default=16, metavar="RECORDS",
+                   help="recorded steps buffered per zarr append (default 16; 1 = every record)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing runs at the output path(s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``sam-diagnostics``."""
+    parser = _Parser(
+        prog="sam-diagnostics",
+        description="Per-example diagnostics of SAM under label noise: train instrumented "
+        "runs, sweep optimizers x seeds, summarize and plot them.",
+        epilog="Run 'sam-diagnostics COMMAND --help' for the options of a command.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("train", help="train one model with one optimizer and record the run",
+                       description="Train one model and stream its diagnostics to a zarr "
+                       "store.")
+    _add_run_options(p, sweep=False)
+    p.add_argument("--out", required=True, help="the run's zarr store to create (RUN.zarr)")
+
+    p = sub.add_parser("sweep", help="a grid of optimizers x seeds (x rho) into one folder, "
+                       "resumable", description="Run a grid of optimizers x seeds (x rho) "
+                       "into one folder; finished runs are skipped, unfinished ones redone.")
+    _add_run_options(p, sweep=True)
+    p.add_argument("--out", required=True, help="the folder of runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs in parallel, one process each (default 1)")
+
+    p = sub.add_parser("summary", help="table of best/final test accuracy per run and over "
+                       "seeds", description="Best test accuracy and its epoch, final test "
+                       "accuracy, clean/noisy training accuracy at the best epoch; per run and "
+                       "mean ± std over seeds.")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_DIR", help="runs or folders of runs")
+    p.add_argument("--csv", default=None, help="also write the per-run table to this CSV file")
+
+    p = sub.add_parser("plot", help="write the standard figures",
+                       description="Write the standard figures of one run or of all runs in a "
+                       "folder (merged along 'run').")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_DIR", help="runs or folders of runs")
+    p.add_argument("--out", required=True, help="folder for the figures")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# train / sweep
+# --------------------------------------------------------------------------------------------
+
+
+def _config_from(args: argparse.Namespace, **override) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update(override)
+    return TrainConfig(**values)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _check_flush(flush_every: int) -> None:
+    if flush_every < 1:
+        raise ConfigError(f"--flush-every must be >= 1, got {flush_every}")
+
+
+def _sigterm_to_exit() -> None:
+    """Let SIGTERM unwind normally (flushing the store) instead of killing outright."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import run_summary_line, train
+
+    cfg = _config_from(args).validate()
+    _check_flush(args.flush_every)
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise _Fail(f"{str(out)!r} already exists; pass --overwrite to replace it")
+    _set_threads(args.threads)
+    _sigterm_to_exit()
+    start = time.perf_counter()
+    ds = train(cfg, out, progress=not args.no_progress, overwrite=args.overwrite,
+               flush_every=args.flush_every)
+    print(f"{out}: {run_summary_line(ds, time.perf_counter() - start)}")
+    return 0
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    if cfg.optimizer in ("sgd", "regsgd"):
+        return f"{cfg.optimizer}-seed{cfg.seed}.zarr"
+    return f"{cfg.optimizer}-rho{cfg.rho:g}-m{cfg.m}-seed{cfg.seed}.zarr"
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return str(a) == str(b)
+
+
+def _existing_state(path: Path, cfg: TrainConfig) -> str:
+    """``"missing"``, ``"complete"`` or ``"incomplete"``; raises if it is another run."""
+    from .record import open_run
+
+    if not path.exists():
+        return "missing"
+    try:
+        attrs = open_run(path, load=False).attrs
+    except (ValueError, OSError, KeyError):
+        return "incomplete"
+    wanted = cfg.attrs()
+    for key, value in wanted.items():
+        if key in attrs and not _same_value(attrs[key], value):
+            raise _Fail(f"{str(path)!r} holds another configuration ({key}={attrs[key]!r}, "
+                        f"asked {value!r}); use another --out or --overwrite")
+    return "complete" if int(attrs.get("complete", 0)) == 1 else "incomplete"
+
+
+def _sweep_worker(cfg_dict: dict, out: str, threads: int | None, flush_every: int) -> str:
+    from .train import run_summary_line, train
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    ds = train(TrainConfig(**cfg_dict), out, progress=False, overwrite=True,
+               flush_every=flush_every)
+    return f"{out}: {run_summary_line(ds, time.perf_counter() - start)}"
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .train import run_summary_line, train
+
+    optimizers = _split_list(args.optimizers)
+    unknown = [o for o in optimizers if o not in OPTIMIZER_NAMES]
+    if unknown:
+        raise _Fail(f"unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
+    seeds = _ranged_ints(args.seeds)
+    rhos = list(dict.fromkeys(args.rho))
+    if not optimizers or not seeds or not rhos:
+        raise _Fail("the grid is empty: give at least one optimizer, seed and rho")
+    if args.jobs < 1:
+        raise _Fail(f"--jobs must be >= 1, got {args.jobs}")
+    _check_flush(args.flush_every)
+    out_dir = Path(args.out).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _Fail(f"--out {str(out_dir)!r} exists and is not a folder")
+
+    plan: list[tuple[TrainConfig, Path]] = []
+    for optimizer in optimizers:
+        for rho in rhos[:1] if optimizer in ("sgd", "regsgd") else rhos:
+            for seed in seeds:
+                cfg = _config_from(args, optimizer=optimizer, rho=rho, seed=seed).validate()
+                plan.append((cfg, out_dir / _run_name(cfg)))
+    todo = []
+    for cfg, path in plan:
+        state = "missing" if args.overwrite else _existing_state(path, cfg)
+        if state == "complete":
+            print(f"{path}: done, skipped")
+        else:
+            todo.append((cfg, path))
+    print(f"sweep: {len(plan)} runs, {len(plan) - len(todo)} already done, {len(todo)} to run",
+          flush=True)
+    if not todo:
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _set_threads(args.threads)
+    if args.jobs == 1 or len(todo) == 1:
+        _sigterm_to_exit()
+        for i, (cfg, path) in enumerate(todo, 1):
+            start = time.perf_counter()
+            ds = train(cfg, path, progress=not args.no_progress, overwrite=True,
+                       flush_every=args.flush_every)
+            print(f"[{i}/{len(todo)}] {path}: {run_summary_line(ds, time.perf_counter() - start)}",
+                  flush=True)
+        return 0
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = args.threads if args.threads is not None else max(
+        1, (os.cpu_count() or 1) // args.jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_sweep_worker, dataclasses.asdict(cfg), str(path), threads,
+                               args.flush_every) for cfg, path in todo]
+        for i, future in enumerate(as_completed(futures), 1):
+            print(f"[{i}/{len(todo)}] {future.result()}", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# summary / plot
+# --------------------------------------------------------------------------------------------
+
+
+def _collect(paths: Sequence[str]) -> list[Path]:
+    from .record import find_runs
+
+    runs: list[Path] = []
+    for p in paths:
+        try:
+            runs.extend(find_runs(p))
+        except FileNotFoundError as err:
+            raise _Fail(str(err)) from None
+    return list(dict.fromkeys(runs))
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def _num(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
+def _pm(mean: float, std: float, fmt) -> str:
+    if isinstance(mean, float) and math.isnan(mean):
+        return "-"
+    if isinstance(std, float) and math.isnan(std):
+        return fmt(mean)
+    return f"{fmt(mean)} ± {fmt(std)}"
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .record import group_summary, summary_table
+
+    runs = _collect(args.runs)
+    try:
+        table = summary_table(runs)
+    except ValueError as err:
+        raise _Fail(str(err)) from None
+    has_val = "test_acc_at_best_val" in table
+    rows = pd.DataFrame({
+        "run": table["run"],
+        "optimizer": table["optimizer"].map(_num),
+        "rho": table["rho"].map(_num),
+        "m": table["m"].map(_num),
+        "seed": table["seed"].map(_num),
+        "best test %": table["best_test_acc"].map(_pct),
+        "best epoch": table["best_epoch"].map(_num),
+        "final test %": table["final_test_acc"].map(_pct),
+        "clean train % @best": table["clean_train_acc_at_best"].map(_pct),
+        "noisy train % @best": table["noisy_train_acc_at_best"].map(_pct),
+        **({"test % @best val": table["test_acc_at_best_val"].map(_pct)} if has_val else {}),
+        "epochs": table["epochs_recorded"].map(_num),
+        "done": table["complete"].map(lambda c: "yes" if c else "no"),
+    })
+    print("Per run (accuracies in %; noisy train accuracy is against the observed, noisy "
+          "labels):")
+    print(rows.to_string(index=False))
+    groups = group_summary(table)
+    if len(groups):
+        out = pd.DataFrame({k: groups[k].map(_num) for k in
+                            ("dataset", "model", "noise_rate", "optimizer", "m", "rho")
+                            if k in groups})
+        out = out.rename(columns={"noise_rate": "noise"})
+        out["seeds"] = groups["n_seeds"]
+        for col, label, fmt in (("best_test_acc", "best test %", _pct),
+                                ("best_epoch", "best epoch", _num),
+                                ("final_test_acc", "final test %", _pct),
+                                ("clean_train_acc_at_best", "clean train % @best", _pct),
+                                ("noisy_train_acc_at_best", "noisy train % @best", _pct),
+                                ("test_acc_at_best_val", "test % @best val", _pct)):
+            if f"{col}_mean" in groups:
+                out[label] = [_pm(a, b, fmt) for a, b in
+                              zip(groups[f"{col}_mean"], groups[f"{col}_std"])]
+        print()
+        print("Mean ± std over seeds:")
+        print(out.to_string(index=False))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"\nwrote {args.csv}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import MissingVariableError, plot_standard
+    from .record import merge_runs, open_run
+
+    runs = _collect(args.runs)
+    try:
+        ds = open_run(runs[0]) if len(runs) == 1 else merge_runs(runs)
+    except ValueError as err:
+        raise _Fail(str(err)) from None
+    try:
+        paths = plot_standard(ds, args.out)
+    except MissingVariableError as err:
+        raise _Fail(str(err)) from None
+    print(f"wrote {len(paths)} files to {args.out}:")
+    for p in paths:
+        print(f"  {p}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "summary": _cmd_summary,
+             "plot": _cmd_plot}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``sam-diagnostics`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (already printed)
+        return done.code if isinstance(done.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except (_Fail, ConfigError, FileExistsError, FileNotFoundError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"sam-diagnostics {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print(f"sam-diagnostics {args.command}: interrupted (finished records are kept)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
