@@ -1008,6 +1008,7 @@ def _summarize_one(ds: xr.Dataset) -> dict[str, Any]:
             row[k] = math.nan
     val = _curve(ds, "val_accuracy")
     if (~np.isnan(val)).any():
+        row["best_val_acc"] = float(np.nanmax(val))
         row["test_acc_at_best_val"] = test[int(np.nanargmax(val))]
     return row
 
@@ -1053,7 +1054,7 @@ def group_summary(table: pd.DataFrame) -> pd.DataFrame:
     """
     metrics = [c for c in ("best_test_acc", "best_epoch", "final_test_acc",
                            "clean_train_acc_at_best", "noisy_train_acc_at_best",
-                           "test_acc_at_best_val") if c in table]
+                           "best_val_acc", "test_acc_at_best_val") if c in table]
     keys = [k for k in GROUP_KEYS if k in table]
     if table.empty:
         return pd.DataFrame(columns=[*keys, "n_seeds"])

@@ -165,12 +165,16 @@ class LinearRule(Rule):
         x = a_new[0][0]
         B = x.shape[0]
         xf = x.reshape(B, -1, x.shape[-1])
-        corr = torch.zeros_like(out).reshape(B, -1, out.shape[-1])
+        corr = None
         if module.weight.requires_grad:
-            corr = corr + (xf @ a_ref.transpose(1, 2)) @ b_ref
+            if a_ref.shape[1] == 1 and xf.shape[1] == 1:  # plain batches: c_i δ_i (a_i · a'_i)
+                corr = (xf * a_ref).sum(-1, keepdim=True) * b_ref
+            else:
+                corr = (xf @ a_ref.transpose(1, 2)) @ b_ref
         if module.bias is not None and module.bias.requires_grad:
-            corr = corr + b_ref.sum(1, keepdim=True)
-        return out + corr.reshape(out.shape)
+            db = b_ref.sum(1, keepdim=True)
+            corr = db if corr is None else corr + db
+        return out if corr is None else out + corr.expand(B, xf.shape[1], -1).reshape(out.shape)
 
 
 @register_rule(nn.Embedding)

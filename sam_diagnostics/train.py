@@ -115,7 +115,7 @@ class TrainConfig:
     n_samples: int | None = None
     width: int = 256
     probe_size: int = 256
-    record_every: int = 1
+    record_every: int = 10
     record_every_steps: int = 0
     eval_batch_size: int = 1024
     data_dir: str | None = None

@@ -14,7 +14,8 @@ from sam_diagnostics.cli import main
 from sam_diagnostics.record import open_run
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--n-samples", "160",
-        "--batch-size", "64", "--probe-size", "16", "--no-progress", "--threads", "1"]
+        "--batch-size", "64", "--probe-size", "16", "--record-every", "1", "--no-progress",
+        "--threads", "1"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

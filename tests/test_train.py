@@ -9,13 +9,14 @@ from sam_diagnostics.record import open_run
 from sam_diagnostics.train import ConfigError, TrainConfig, train
 
 TINY = dict(dataset="digits", model="mlp", width=16, n_samples=160, epochs=2, batch_size=64,
+            record_every=1,
             probe_size=16, seed=0)
 
 
 def test_defaults_follow_the_study_notes():
     cfg = TrainConfig()
     assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.weight_decay) == (0.05, 0.9, 128, 0.0)
-    assert (cfg.noise_rate, cfg.m, cfg.probe_size, cfg.record_every) == (0.3, 1, 256, 1)
+    assert (cfg.noise_rate, cfg.m, cfg.probe_size, cfg.record_every) == (0.3, 1, 256, 10)
     assert cfg.validate() is cfg
 
 
@@ -56,7 +57,7 @@ def test_every_optimizer_trains(optimizer):
 
 
 def test_step_schedule_and_final_record():
-    cfg = TrainConfig(**{**TINY, "epochs": 2}, record_every=0, record_every_steps=4)
+    cfg = TrainConfig(**{**TINY, "epochs": 2, "record_every": 0}, record_every_steps=4)
     ds = train(cfg, progress=False)
     # steps 0, 4 by schedule, and the final state (step 6) always
     assert list(ds["step"].values) == [0, 4, 6]
