@@ -165,6 +165,9 @@ class Capture:
         if logits.is_cuda:  # one vmapped backward: fewer kernel launches
             grads = torch.autograd.grad(logits, outs, grad_outputs=directions.contiguous(),
                                         is_grads_batched=True, **kw)
+        elif directions.shape[0] == 1:
+            grads = [g[None] for g in torch.autograd.grad(logits, outs, grad_outputs=directions[0],
+                                                          **kw)]
         else:  # on CPU K plain backward passes measured faster than the vmapped one
             per_dir = [torch.autograd.grad(logits, outs, grad_outputs=d, **kw)
                        for d in directions]
@@ -198,16 +201,6 @@ class Capture:
             if parts:
                 out[name] = sum(parts.values())
         return out
-
-    def prepare_offsets(self, cots: dict[str, list[Tensor]], scale: Tensor) -> dict:
-        """Per-example offsets ``scale_i · g_i`` for every entry (``cots`` with ``K = 1``)."""
-        out = {}
-        for name, rec in self.records.items():
-            if rec.calls:
-                module, rule = self.plan.entries[name]
-                out[name] = rule.prepare(module, rec.calls, cots[name], scale)
-        return out
-
 
 @contextlib.contextmanager
 def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[Tensor]]]:

@@ -78,6 +78,8 @@ def loss_directions(loss_fn) -> Directions:
     """The per-example loss gradient at the logits, ``∂ℓ_i/∂z_i`` (unscaled), as ``[1, B, *]``."""
 
     def directions(logits: Tensor, targets: Tensor) -> Tensor:
+        if loss_fn is per_example_loss:  # clear errors for bad targets / non-finite logits
+            check_head(logits, targets)
         with torch.enable_grad():
             z = logits.detach().requires_grad_(True)
             loss = loss_fn(z, targets)
@@ -265,9 +267,6 @@ def grad_norms(model: nn.Module, inputs: Tensor, targets: Tensor, method: str = 
     check_inputs(inputs)
     loss_fn = loss_fn or per_example_loss
     with measuring(model):
-        if loss_fn is per_example_loss:
-            with torch.no_grad():
-                check_head(model_logits(model, inputs, output_fn), targets)
         logits, sq = block_sq_norms(model, inputs, loss_directions(loss_fn), targets,
                                     method=method, output_fn=output_fn, chunk_size=chunk_size)
     return _finish(sq, per_block, logits)

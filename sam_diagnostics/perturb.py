@@ -153,14 +153,28 @@ def radius_scale(rho: float, norm: Tensor) -> Tensor:
     return torch.where(norm > 0, rho / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
 
 
-def per_example_offsets(cap: Capture, grad_cots: dict, rho: float) -> tuple[Tensor, dict]:
+def per_example_offsets(cap: Capture, grad_cots: dict, rho: float) -> tuple[dict, dict]:
     """1-SAM's ``ε_i = ρ g_i / ‖g_i‖`` in factored form, from a recorded pass at ``w``.
 
     ``grad_cots`` are the output cotangents of ``Σ_i ℓ_i`` (one direction: the logit term).
-    Returns ``(‖g_i‖ [B], offsets)``; the offsets ``{entry: state}`` make a
-    :class:`~sam_diagnostics.hooks.Capture` evaluate every example at its own ``w + ε_i``
-    without materializing any ``ε_i`` (for Linear layers ``W a' + c_i δ_i (a_i · a')``).
+    Returns ``({block: ‖g_i‖² restricted to the block [B]}, offsets)``; the offsets
+    ``{entry: state}`` make a :class:`~sam_diagnostics.hooks.Capture` evaluate every example at
+    its own ``w + ε_i`` without materializing any ``ε_i`` (for Linear layers
+    ``W a' + c_i δ_i (a_i · a')``). Per-example gradients a rule materializes for the norm are
+    reused for the offsets, not computed twice.
     """
-    sq = cap.sq_norms(grad_cots)
-    norm = sum(sq.values()).sqrt()
-    return norm, cap.prepare_offsets(grad_cots, radius_scale(rho, norm))
+    sq, grads = {}, {}
+    for name, rec in cap.records.items():
+        if rec.calls:
+            module, rule = cap.plan.entries[name]
+            parts, grads[name] = rule.norms_and_grads(module, rec.calls, grad_cots[name])
+            if parts:
+                sq[name] = sum(parts.values())
+    if not sq:  # nothing trainable: ε = 0
+        return sq, {}
+    scale = radius_scale(rho, sum(sq.values()).sqrt())
+    offsets = {}
+    for name, g in grads.items():
+        module, rule = cap.plan.entries[name]
+        offsets[name] = rule.prepare(module, cap.records[name].calls, grad_cots[name], scale, g)
+    return sq, offsets

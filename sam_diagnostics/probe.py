@@ -112,11 +112,12 @@ class Probe:
         K = jd.shape[0]
         jac = cap.sq_norms({n: [c[:K] for c in v] for n, v in cots.items()})
         grad_cots = {n: [c[K:] for c in v] for n, v in cots.items()}
-        grd = cap.sq_norms(grad_cots)
-        view = _View(logits.detach(), jac, grd, activation_norms(acts))
-        if rho is not None:
-            view.offsets = per_example_offsets(cap, grad_cots, rho)[1]
-        return view
+        offsets = None
+        if rho is not None:  # the gradient norms and the SAM view's offsets in one go
+            grd, offsets = per_example_offsets(cap, grad_cots, rho)
+        else:
+            grd = cap.sq_norms(grad_cots)
+        return _View(logits.detach(), jac, grd, activation_norms(acts), offsets)
 
     def _exact_view(self, x, y, layers, plan, eps=None) -> _View:
         logits, jac = exact_block_sq_norms(self.model, x, one_hot_directions, None, plan,

@@ -101,19 +101,26 @@ class Rule:
                 total[n] = total[n] + g if n in total else g
         return total
 
+    def norms_and_grads(self, module, inputs: Sequence, cots: Sequence[Tensor], state=None):
+        """``({name: Σ_k ‖g_{k,i}‖² [B]}, per-example gradients or None)``.
+
+        Materialized rules return the gradients they computed anyway, so that :meth:`prepare`
+        can reuse them; Gram-form rules return ``None``.
+        """
+        g = self._summed_grads(module, inputs, cots, state)
+        return {n: sumsq(v.flatten(2), (0, 2)) for n, v in g.items()}, g
+
     def sq_norms(self, module, inputs: Sequence, cots: Sequence[Tensor], state=None):
         """Per-example ``Σ_k ‖g_{k,i}‖²`` for each trainable parameter, ``{name: [B]}``."""
-        return {
-            n: sumsq(g.flatten(2), (0, 2))
-            for n, g in self._summed_grads(module, inputs, cots, state).items()
-        }
+        return self.norms_and_grads(module, inputs, cots, state)[0]
 
-    def prepare(self, module, inputs: Sequence, cots: Sequence[Tensor], scale: Tensor):
-        """Per-example parameter offsets ``Δ_i = scale_i · g_i`` as the state for :meth:`apply`."""
-        return {
-            n: g[0] * scale.reshape(-1, *[1] * (g.dim() - 2)).to(g.dtype)
-            for n, g in self._summed_grads(module, inputs, cots).items()
-        }
+    def prepare(self, module, inputs: Sequence, cots: Sequence[Tensor], scale: Tensor,
+                grads: dict | None = None):
+        """Per-example parameter offsets ``Δ_i = scale_i · g_i`` as the state for :meth:`apply`
+        (``grads``: the gradients :meth:`norms_and_grads` returned, if any)."""
+        grads = grads if grads is not None else self._summed_grads(module, inputs, cots)
+        return {n: g[0] * scale.reshape(-1, *[1] * (g.dim() - 2)).to(g.dtype)
+                for n, g in grads.items()}
 
 
 def sumsq(x: Tensor, dim) -> Tensor:
@@ -137,7 +144,7 @@ class LinearRule(Rule):
             return pairs[0]
         return torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 2)
 
-    def sq_norms(self, module, inputs, cots, state=None):
+    def norms_and_grads(self, module, inputs, cots, state=None):
         a, b = self._cat(inputs, cots)  # [B, S, I], [K, B, S, O]
         K, B, S, O = b.shape
         I = a.shape[-1]
@@ -153,10 +160,10 @@ class LinearRule(Rule):
                 g = torch.einsum("kbso,bsi->kboi", b, a)
                 out["weight"] = sumsq(g, (0, 2, 3))
         if module.bias is not None and module.bias.requires_grad:
-            out["bias"] = sumsq(b.sum(2), (0, 2))
-        return out
+            out["bias"] = sumsq(b[:, :, 0] if S == 1 else b.sum(2), (0, 2))
+        return out, None
 
-    def prepare(self, module, inputs, cots, scale):
+    def prepare(self, module, inputs, cots, scale, grads=None):
         a, b = self._cat(inputs, cots)
         return a, b[0] * scale.reshape(-1, 1, 1).to(b.dtype)
 
@@ -193,15 +200,15 @@ class EmbeddingRule(Rule):
             b = b * (idx != module.padding_idx)[None, :, :, None].to(b.dtype)
         return idx, b
 
-    def sq_norms(self, module, inputs, cots, state=None):
+    def norms_and_grads(self, module, inputs, cots, state=None):
         self._check(module)
         if not module.weight.requires_grad:
-            return {}
+            return {}, None
         idx, b = self._cat(module, inputs, cots)
         mask = (idx[:, :, None] == idx[:, None, :]).to(b.dtype)
-        return {"weight": (mask * torch.einsum("kbsd,kbtd->bst", b, b)).sum(dim=(1, 2))}
+        return {"weight": (mask * torch.einsum("kbsd,kbtd->bst", b, b)).sum(dim=(1, 2))}, None
 
-    def prepare(self, module, inputs, cots, scale):
+    def prepare(self, module, inputs, cots, scale, grads=None):
         self._check(module)
         idx, b = self._cat(module, inputs, cots)
         return idx, b[0] * scale.reshape(-1, 1, 1).to(b.dtype)
@@ -240,8 +247,7 @@ class ConvRule(Rule):
         G = module.groups
         return p.reshape(p.shape[0], G, -1, p.shape[-1])  # [B, G, Cin/G*kk, L]
 
-    def grads(self, module, a, b, state=None):
-        p = self._patches(module, a[0][0])
+    def _grads_from(self, module, p, b):
         K, B, G = b.shape[0], b.shape[1], module.groups
         bb = b.reshape(K, B, G, -1, p.shape[-1])  # [K, B, G, Cout/G, L]
         out = {}
@@ -252,21 +258,27 @@ class ConvRule(Rule):
             out["bias"] = bb.sum(-1).reshape(K, B, -1)
         return out
 
-    def sq_norms(self, module, inputs, cots, state=None):
-        if len(inputs) == 1 and module.weight.requires_grad:
-            p = self._patches(module, inputs[0][0][0])
-            b = cots[0]
-            K, B, G, L = b.shape[0], b.shape[1], module.groups, p.shape[-1]
-            P, O = p.shape[2], module.out_channels // G
-            if L * (P + K * O) < K * O * P and B * G * L * L < 2**26:  # Gram form cheaper
-                bb = b.reshape(K, B, G, O, L)
-                gp = torch.einsum("bgpl,bgpm->bglm", p, p)
-                gb = torch.einsum("kbgol,kbgom->bglm", bb, bb)
-                out = {"weight": (gp * gb).sum(dim=(1, 2, 3))}
-                if module.bias is not None and module.bias.requires_grad:
-                    out["bias"] = sumsq(bb.sum(-1), (0, 2, 3))
-                return out
-        return super().sq_norms(module, inputs, cots)
+    def grads(self, module, a, b, state=None):
+        return self._grads_from(module, self._patches(module, a[0][0]), b)
+
+    def norms_and_grads(self, module, inputs, cots, state=None):
+        if len(inputs) != 1:
+            return super().norms_and_grads(module, inputs, cots, state)
+        p = self._patches(module, inputs[0][0][0])  # unfolded once
+        b = cots[0]
+        K, B, G, L = b.shape[0], b.shape[1], module.groups, p.shape[-1]
+        P, O = p.shape[2], module.out_channels // G
+        gram = L * (P + K * O) < K * O * P and B * G * L * L < 2**26
+        if module.weight.requires_grad and gram:  # Gram form cheaper than the gradient
+            bb = b.reshape(K, B, G, O, L)
+            gp = torch.einsum("bgpl,bgpm->bglm", p, p)
+            gb = torch.einsum("kbgol,kbgom->bglm", bb, bb)
+            out = {"weight": (gp * gb).sum(dim=(1, 2, 3))}
+            if module.bias is not None and module.bias.requires_grad:
+                out["bias"] = sumsq(bb.sum(-1), (0, 2, 3))
+            return out, None
+        g = self._grads_from(module, p, b)
+        return {n: sumsq(v.flatten(2), (0, 2)) for n, v in g.items()}, g
 
     def apply(self, module, state, a_new, out):
         x, pad = _conv_input(module, a_new[0][0])
