@@ -276,3 +276,28 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="per-example"):
         sd.SAM(net, torch.optim.SGD(net.parameters(), lr=0.1), m=1,
                loss_fn=F.cross_entropy).step(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_adamw_base_and_scheduler_work_unchanged():
+    """SAM only supplies the gradient: AdamW's state and a scheduler behave as with plain
+    AdamW given the same gradients."""
+    model, x, y = make(BY_NAME["resnet_ln"], batch=6)
+    twin = copy.deepcopy(model)
+    opt = sd.SAM(model, torch.optim.AdamW(model.parameters(), lr=1e-2), 0.1, 1, "jsam")
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+    base = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    sched_twin = torch.optim.lr_scheduler.StepLR(base, step_size=1, gamma=0.5)
+    grad_of = sd.SAM(twin, torch.optim.SGD(twin.parameters(), lr=0.0), 0.1, 1, "jsam")
+    for _ in range(3):
+        grads = grad_of.gradient(x, y)[0]
+        for n, p in twin.named_parameters():
+            p.grad = grads[n]
+        base.step()
+        sched_twin.step()
+        opt.step(x, y)
+        sched.step()
+    assert opt.param_groups[0]["lr"] == base.param_groups[0]["lr"] == 1e-2 / 8
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(opt.base_optimizer.state[a]["exp_avg_sq"],
+                                   base.state[b]["exp_avg_sq"], rtol=1e-9, atol=1e-15)
