@@ -36,7 +36,7 @@ import pandas as pd
 import sam_diagnostics as sd
 from sam_diagnostics.cli import main as cli
 from sam_diagnostics.plots import METHOD_ORDER, plot_standard
-from sam_diagnostics.record import group_summary, summary_table
+from sam_diagnostics.summary import group_summary, summary_table
 
 PAPER = {"sgd": 52.48, "sam": 69.47, "jsam": 69.17, "lsam": 54.13, "regsgd": 60.8}
 LABELS = {"sgd": "SGD", "sam": "1-SAM", "lsam": "L-SAM", "jsam": "J-SAM", "regsgd": "reg. SGD"}

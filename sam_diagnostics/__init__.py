@@ -7,8 +7,9 @@ from .logit_terms import logit_scale, logit_term, margin, per_example_loss
 from .optim import SAM, RegularizedSGD, SGDStep, make_optimizer
 from .perturb import group_slices, perturbed, sam_epsilon
 from .probe import Probe
-from .record import Recorder, merge_runs, open_run, to_netcdf
+from .record import Recorder
 from .rules import register_rule
+from .store import merge_runs, open_run, to_netcdf
 from .train import TrainConfig, train
 
 __all__ = [

@@ -251,7 +251,7 @@ def _same_value(a, b) -> bool:
 
 def _existing_state(path: Path, cfg: TrainConfig) -> str:
     """``"missing"``, ``"complete"`` or ``"incomplete"``; raises if it is another run."""
-    from .record import open_run
+    from .store import open_run
 
     if not path.exists():
         return "missing"
@@ -347,7 +347,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _collect(paths: Sequence[str]) -> list[Path]:
-    from .record import find_runs
+    from .store import find_runs
 
     runs: list[Path] = []
     for p in paths:
@@ -379,7 +379,7 @@ def _pm(mean: float, std: float, fmt) -> str:
 def _cmd_summary(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .record import group_summary, summary_table
+    from .summary import group_summary, summary_table
 
     runs = _collect(args.runs)
     try:
@@ -432,7 +432,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import MissingVariableError, plot_standard
-    from .record import merge_runs, open_run
+    from .store import merge_runs, open_run
 
     runs = _collect(args.runs)
     try:

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from .rules import FALLBACK, NotFastError, Rule, rule_for, trainable
 
-__all__ = ["Plan", "make_plan", "Capture", "capture_inputs", "measuring", "check_per_example"]
+__all__ = ["Plan", "make_plan", "Capture", "capture_inputs", "measuring", "check_per_example",
+           "traced"]
 
 
 @dataclass
@@ -100,12 +101,19 @@ class Capture:
         output at the per-example parameters ``θ + Δ_i`` (the SAM view), and that is recorded.
     record : bool
         Keep the calls (for norms and cotangents); ``False`` only applies ``offsets``.
+    inputs : Tensor, optional
+        The model input as returned by :func:`traced`. Then every recorded call is checked to
+        receive per-example inputs (a batch dimension that comes from the model input, not a
+        constant such as ``pos_emb(torch.arange(L))``); otherwise ``NotFastError`` is raised and
+        the caller falls back to torch.func.
     """
 
-    def __init__(self, plan: Plan, offsets: dict | None = None, record: bool = True):
+    def __init__(self, plan: Plan, offsets: dict | None = None, record: bool = True,
+                 inputs: Tensor | None = None):
         self.plan = plan
         self.offsets = offsets or {}
         self.record = record
+        self.inputs = inputs
         self.records: dict[str, _Record] = {name: _Record() for name in plan.entries}
         self._handles: list = []
         self._inside = False
@@ -124,12 +132,32 @@ class Capture:
                     self._inside = False
             if not self.record:
                 return out
+            if self.inputs is not None:
+                self._check_per_example(name, args, kwargs, rule)
             rec = self.records[name]
             rec.calls.append((_detach(args), _detach(kwargs)))
             rec.outputs.append(out)
             return out.clone()  # later in-place ops must not change the recorded output
 
         return hook
+
+    def busy(self) -> bool:
+        """True while a rule evaluates a module itself (other hooks should ignore that call)."""
+        return self._inside
+
+    def _check_per_example(self, name: str, args, kwargs, rule: Rule) -> None:
+        x = self.inputs
+        B = x.shape[0]
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+        if rule is not FALLBACK:
+            tensors = tensors[:1]  # rules read the first input only
+        for t in tensors:
+            if rule is FALLBACK and (t.dim() == 0 or t.shape[0] != B):
+                continue  # the fallback treats it as shared by all examples
+            if t.dim() == 0 or t.shape[0] != B or not _per_example(t, x):
+                raise NotFastError(
+                    f"an input of module {name!r} is not per-example (no batch dimension, or "
+                    "not computed from the model input, e.g. pos_emb(torch.arange(L)))")
 
     def __enter__(self) -> Capture:
         try:
@@ -202,9 +230,28 @@ class Capture:
                 out[name] = sum(parts.values())
         return out
 
+def _per_example(t: Tensor, x: Tensor) -> bool:
+    """Whether ``t``'s leading dimension is the batch: a float tensor computed from the (traced)
+    model input, an index tensor that is (a view of) the model input, or an index tensor with a
+    batch and another dimension (``arange(S).repeat(B, 1)``). A 1-D constant such as
+    ``arange(L)`` — broadcast over the batch later — is not, even when ``L == B``."""
+    if t.is_floating_point():
+        return t.requires_grad
+    return t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() or t.dim() >= 2
+
+
+def traced(inputs: Tensor) -> Tensor:
+    """The model input to run a checked :class:`Capture` with: a float input is made to require
+    grad so that every tensor computed from it does (an integer input is used as it is)."""
+    return inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
+
+
 @contextlib.contextmanager
-def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[Tensor]]]:
+def capture_inputs(modules: dict[str, nn.Module], skip=None) -> Iterator[dict[str, list[Tensor]]]:
     """Record the (first positional) input of each named module, in the graph, per call.
+
+    ``skip()`` returning True ignores a call (e.g. :meth:`Capture.busy`: a rule evaluating the
+    module inside ``vmap``).
 
     Examples
     --------
@@ -219,7 +266,8 @@ def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[Ten
     try:
         for name, module in modules.items():
             handles.append(module.register_forward_hook(
-                lambda mod, args, out, name=name: store[name].append(args[0])
+                lambda mod, args, out, name=name: None if skip is not None and skip()
+                else store[name].append(args[0])
             ))
         yield store
     finally:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
-from .hooks import Capture, Plan, make_plan, measuring
+from .hooks import Capture, Plan, make_plan, measuring, traced
 from .logit_terms import check_head, per_example_loss
 from .rules import NotFastError
 
@@ -105,8 +105,9 @@ def fast_block_sq_norms(model, inputs, directions: Directions, aux, plan: Plan, 
     """Per-layer engine: ``(logits, {block: Σ_k ‖J_iᵀ v_k‖² [B]})``; raises NotFastError."""
     if plan.problem:
         raise NotFastError(plan.problem)
-    with torch.enable_grad(), Capture(plan, offsets) as cap:
-        logits = model_logits(model, inputs, output_fn)
+    x = traced(inputs)
+    with torch.enable_grad(), Capture(plan, offsets, inputs=x) as cap:
+        logits = model_logits(model, x, output_fn)
     cap.check_all_fired(logits)
     dirs = directions(logits.detach(), aux)
     return logits.detach(), cap.sq_norms(cap.cotangents(logits, dirs))

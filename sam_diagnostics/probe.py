@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from . import __version__
-from .hooks import Capture, capture_inputs, make_plan, measuring
+from .hooks import Capture, capture_inputs, make_plan, measuring, traced
 from .jacobian import (
     check_inputs,
     exact_block_sq_norms,
@@ -102,8 +102,10 @@ class Probe:
     def _fast_view(self, x, y, layers, plan, offsets=None, rho=None) -> _View:
         if plan.problem:
             raise NotFastError(plan.problem)
-        with torch.enable_grad(), Capture(plan, offsets) as cap, capture_inputs(layers) as acts:
-            logits = model_logits(self.model, x, self.output_fn)
+        xt = traced(x)
+        with torch.enable_grad(), Capture(plan, offsets, inputs=xt) as cap, \
+                capture_inputs(layers, skip=cap.busy) as acts:
+            logits = model_logits(self.model, xt, self.output_fn)
         check_head(logits.detach(), y)
         cap.check_all_fired(logits)
         jd = one_hot_directions(logits.detach())

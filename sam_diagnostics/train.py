@@ -248,7 +248,7 @@ def train(
     overwrite : bool
         Replace an existing run at ``out``.
     flush_every, flush_seconds : int, float
-        Buffering of the store (see :class:`~sam_diagnostics.record.RunStore`).
+        Buffering of the store (see :class:`~sam_diagnostics.store.RunStore`).
 
     Returns
     -------

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import zarr
 
+from sam_diagnostics import open_run
 from sam_diagnostics.cli import main
-from sam_diagnostics.record import open_run
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--width", "16", "--n-samples", "160",
         "--batch-size", "64", "--probe-size", "16", "--record-every", "1", "--no-progress",

@@ -220,3 +220,53 @@ def test_fast_rejects_functional_use_of_a_parameter():
         sd.jacobian_norms(model, x, "fast")
     torch.testing.assert_close(sd.jacobian_norms(model, x, "auto"),
                                sd.jacobian_norms(model, x, "exact"))
+
+
+class PositionalNet(nn.Module):
+    """A positional embedding on ``torch.arange(L)``: a module input without a batch dimension."""
+
+    def __init__(self, L=4, d=3):
+        super().__init__()
+        self.pos = nn.Embedding(L, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):  # x [B, L, d]
+        L = x.shape[1]
+        h = torch.tanh(x + self.pos(torch.arange(L)) + self.mix(torch.ones(L, 3, dtype=x.dtype)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("B", [3, 4])  # B = 4 = L: the batch size coincides with the length
+def test_unbatched_module_inputs_fall_back_to_exact(B):
+    """Regression (found by the independent review): with L == B the per-layer rules took the
+    sequence axis for the batch and were silently wrong; with L != B they crashed."""
+    torch.manual_seed(0)
+    model = PositionalNet().double()
+    x, y = torch.randn(B, 4, 3, dtype=torch.float64), torch.randint(0, 2, (B,))
+    exact = sd.jacobian_norms(model, x, "exact")
+    torch.testing.assert_close(sd.jacobian_norms(model, x), exact)
+    with pytest.raises(ValueError, match="not per-example"):
+        sd.jacobian_norms(model, x, "fast")
+    ds = sd.Probe(model).measure(x, y, rho=0.1)
+    ref = sd.Probe(model, method="exact").measure(x, y, rho=0.1)
+    for name in ("jacobian_norm", "grad_norm", "loss"):
+        torch.testing.assert_close(torch.as_tensor(ds[name].values),
+                                   torch.as_tensor(ref[name].values))
+    auto = sd.SAM(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.1, 1).gradient(x, y)[0]
+    func = sd.SAM(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.1, 1,
+                  method="exact").gradient(x, y)[0]
+    for n in auto:
+        torch.testing.assert_close(auto[n], func[n])
+
+
+def test_probe_watching_a_layer_without_a_rule():
+    """Regression: watching a module handled by the torch.func fallback crashed with m = 1
+    (its input hook fired inside vmap)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double().eval()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    ds = sd.Probe(net, layers=["1", "2"]).measure(x, y, rho=0.1, m=1)
+    ref = sd.Probe(net, layers=["1", "2"], method="exact").measure(x, y, rho=0.1, m=1)
+    torch.testing.assert_close(torch.as_tensor(ds["activation_norm"].values),
+                               torch.as_tensor(ref["activation_norm"].values))

@@ -11,16 +11,9 @@ import zarr
 
 from sam_diagnostics.data import load_dataset
 from sam_diagnostics.models import build_model
-from sam_diagnostics.record import (
-    CONFIG_KEYS,
-    Recorder,
-    RunStore,
-    group_summary,
-    merge_runs,
-    open_run,
-    summary_table,
-    to_netcdf,
-)
+from sam_diagnostics.record import Recorder
+from sam_diagnostics.store import CONFIG_KEYS, RunStore, merge_runs, open_run, to_netcdf
+from sam_diagnostics.summary import group_summary, summary_table
 
 PER_EXAMPLE = {
     "loss": ("step", "view", "example"),
@@ -179,7 +172,7 @@ def test_store_flushes_at_interpreter_exit(tmp_path):
     path = tmp_path / "exit.zarr"
     code = (
         "import numpy as np, xarray as xr\n"
-        "from sam_diagnostics.record import RunStore\n"
+        "from sam_diagnostics.store import RunStore\n"
         f"store = RunStore({str(path)!r}, flush_every=100, flush_seconds=1e9)\n"
         "for s in range(3):\n"
         "    store.append(xr.Dataset({'x': ('step', [float(s)])}, coords={'step': [s]}))\n"

@@ -5,7 +5,7 @@ import pytest
 import torch
 import xarray as xr
 
-from sam_diagnostics.record import open_run
+from sam_diagnostics import open_run
 from sam_diagnostics.train import ConfigError, TrainConfig, train
 
 TINY = dict(dataset="digits", model="mlp", width=16, n_samples=160, epochs=2, batch_size=64,

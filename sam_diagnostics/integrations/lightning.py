@@ -1,4 +1,4 @@
-"""A PyTorch Lightning callback that records a run with :class:`~sam_diagnostics.record.Recorder`.
+"""A PyTorch Lightning callback that records a run with :class:`~sam_diagnostics.Recorder`.
 
 Needs the optional extra: ``pip install sam-diagnostics[lightning]``.
 
@@ -41,7 +41,8 @@ except ImportError:  # pragma: no cover - the standalone package name
 from torch import Tensor
 
 from ..data import NoisyDataset
-from ..record import Recorder, RunStore
+from ..record import Recorder
+from ..store import RunStore
 
 __all__ = ["DiagnosticsCallback"]
 

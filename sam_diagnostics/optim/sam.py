@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
-from ..hooks import Capture, check_per_example, make_plan
+from ..hooks import Capture, check_per_example, make_plan, traced
 from ..jacobian import check_inputs, check_loss, model_logits
 from ..logit_terms import check_head, per_example_loss
 from ..perturb import _normalize, check_rho_m, group_slices, per_example_offsets
@@ -182,8 +182,9 @@ class SAM:
         if plan.problem:
             raise NotFastError(plan.problem)
         with torch.enable_grad():
-            with Capture(plan) as cap:
-                logits = model_logits(model, x, self.output_fn)
+            xt = traced(x)
+            with Capture(plan, inputs=xt) as cap:
+                logits = model_logits(model, xt, self.output_fn)
             cap.check_all_fired(logits)
             loss = self._loss(logits, y)
             delta_w = _logit_grad(self.loss_fn, logits, y)
