@@ -107,8 +107,13 @@ class Rule:
         Materialized rules return the gradients they computed anyway, so that :meth:`prepare`
         can reuse them; Gram-form rules return ``None``.
         """
-        g = self._summed_grads(module, inputs, cots, state)
-        return {n: sumsq(v.flatten(2), (0, 2)) for n, v in g.items()}, g
+        if cots[0].shape[0] == 1:
+            g = self._summed_grads(module, inputs, cots, state)
+            return {n: sumsq(v.flatten(2), (0, 2)) for n, v in g.items()}, g
+        # several directions: one at a time, so memory is O(B × module parameters), not K times
+        return _per_direction(
+            lambda k: self._summed_grads(module, inputs, [c[k:k + 1] for c in cots], state),
+            cots[0].shape[0]), None
 
     def sq_norms(self, module, inputs: Sequence, cots: Sequence[Tensor], state=None):
         """Per-example ``Σ_k ‖g_{k,i}‖²`` for each trainable parameter, ``{name: [B]}``."""
@@ -126,6 +131,16 @@ class Rule:
 def sumsq(x: Tensor, dim) -> Tensor:
     """``Σ x²`` over ``dim`` as one fused reduction (no squared copy of ``x``)."""
     return torch.linalg.vector_norm(x, dim=dim).square()
+
+
+def _per_direction(grads_of, K: int) -> dict[str, Tensor]:
+    """``Σ_k ‖g_k‖²`` per parameter from ``grads_of(k) -> {name: [1, B, *shape]}``."""
+    total: dict[str, Tensor] = {}
+    for k in range(K):
+        for n, v in grads_of(k).items():
+            s = sumsq(v.flatten(2), (0, 2))
+            total[n] = total[n] + s if n in total else s
+    return total
 
 
 def _flat_seq(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -277,6 +292,8 @@ class ConvRule(Rule):
             if module.bias is not None and module.bias.requires_grad:
                 out["bias"] = sumsq(bb.sum(-1), (0, 2, 3))
             return out, None
+        if K > 1:  # one direction at a time: memory O(B × layer parameters)
+            return _per_direction(lambda k: self._grads_from(module, p, b[k:k + 1]), K), None
         g = self._grads_from(module, p, b)
         return {n: sumsq(v.flatten(2), (0, 2)) for n, v in g.items()}, g
 
