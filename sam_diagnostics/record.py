@@ -357,10 +357,10 @@ class Recorder:
         if self._template is None:
             self._template = probe
         curves = self._curves()
-        ds = probe.expand_dims(step=[self.global_step])
-        ds = ds.assign_coords(epoch=("step", [self.epoch]))
-        for name, value in curves.items():
-            ds[name] = ("step", np.array([value], dtype=np.float64))
+        ds = probe.expand_dims(step=[self.global_step]).assign_coords(
+            epoch=("step", [self.epoch]))
+        ds = ds.assign({name: ("step", np.array([value], dtype=np.float64))  # one merge
+                        for name, value in curves.items()})
         if self.probe_head:
             self.attrs["head"] = self.probe_head
         ds.attrs = dict(self.attrs)

@@ -107,13 +107,15 @@ class Rule:
         Materialized rules return the gradients they computed anyway, so that :meth:`prepare`
         can reuse them; Gram-form rules return ``None``.
         """
-        if cots[0].shape[0] == 1:
+        K, B = cots[0].shape[:2]
+        if K == 1:
             g = self._summed_grads(module, inputs, cots, state)
             return {n: sumsq(v.flatten(2), (0, 2)) for n, v in g.items()}, g
-        # several directions: one at a time, so memory is O(B × module parameters), not K times
+        # several directions in chunks: memory bounded, never K × B × module parameters
+        size = B * sum(p.numel() for p in trainable(module, recurse=self is FALLBACK).values())
         return _per_direction(
-            lambda k: self._summed_grads(module, inputs, [c[k:k + 1] for c in cots], state),
-            cots[0].shape[0]), None
+            lambda k0, k1: self._summed_grads(module, inputs, [c[k0:k1] for c in cots], state),
+            K, size), None
 
     def sq_norms(self, module, inputs: Sequence, cots: Sequence[Tensor], state=None):
         """Per-example ``Σ_k ‖g_{k,i}‖²`` for each trainable parameter, ``{name: [B]}``."""
@@ -133,11 +135,18 @@ def sumsq(x: Tensor, dim) -> Tensor:
     return torch.linalg.vector_norm(x, dim=dim).square()
 
 
-def _per_direction(grads_of, K: int) -> dict[str, Tensor]:
-    """``Σ_k ‖g_k‖²`` per parameter from ``grads_of(k) -> {name: [1, B, *shape]}``."""
+#: Per-example gradients of several directions are materialized in chunks of at most this
+#: many elements (256 MiB in float32), so a large layer never costs K × B × its parameters.
+CHUNK_ELEMENTS = 2**26
+
+
+def _per_direction(grads_of, K: int, per_direction: int) -> dict[str, Tensor]:
+    """``Σ_k ‖g_k‖²`` per parameter from ``grads_of(k0, k1) -> {name: [k1 - k0, B, *shape]}``,
+    ``per_direction`` elements (B × parameters) at a time bounded by :data:`CHUNK_ELEMENTS`."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_direction))
     total: dict[str, Tensor] = {}
-    for k in range(K):
-        for n, v in grads_of(k).items():
+    for k0 in range(0, K, step):
+        for n, v in grads_of(k0, min(K, k0 + step)).items():
             s = sumsq(v.flatten(2), (0, 2))
             total[n] = total[n] + s if n in total else s
     return total
@@ -292,8 +301,9 @@ class ConvRule(Rule):
             if module.bias is not None and module.bias.requires_grad:
                 out["bias"] = sumsq(bb.sum(-1), (0, 2, 3))
             return out, None
-        if K > 1:  # one direction at a time: memory O(B × layer parameters)
-            return _per_direction(lambda k: self._grads_from(module, p, b[k:k + 1]), K), None
+        if K > 1:  # directions in chunks: memory bounded, never K × B × layer parameters
+            return _per_direction(lambda k0, k1: self._grads_from(module, p, b[k0:k1]), K,
+                                  B * module.weight.numel()), None
         g = self._grads_from(module, p, b)
         return {n: sumsq(v.flatten(2), (0, 2)) for n, v in g.items()}, g
 
