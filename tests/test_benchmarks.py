@@ -103,3 +103,10 @@ def test_check_targets():
 def test_memory_child_reports_a_number():
     delta, err = child_peak_rss("grad", "mlp", "fast", threads=1, quick=True, timeout=120)
     assert err == "" and delta is not None and delta >= 0
+
+
+def test_recording_overhead_script_runs():
+    from benchmarks import recording_overhead
+
+    out = recording_overhead.main(["--epochs", "1", "--reps", "1"])
+    assert set(out) == {0, 10} and all(t > 0 for t in out.values())
