@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from problems import Scale
 from torch import nn
 from torch.func import functional_call
 
@@ -208,11 +209,3 @@ def test_directions_in_small_chunks_give_the_same_norms(monkeypatch):
 def Bilinear_head():  # noqa: N802 - a tiny factory: custom parameter (fallback) + Linear head
     return nn.Sequential(Scale(24), nn.Linear(24, 5))
 
-
-class Scale(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
-
-    def forward(self, x):
-        return x * self.gain
