@@ -9,7 +9,7 @@ evaluates the pass at ``w + ε_i`` (the SAM view) and records that.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -308,5 +308,3 @@ def measuring(model: nn.Module) -> Iterator[nn.Module]:
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
 
-
-OutputFn = Callable[[object], Tensor]

@@ -244,7 +244,7 @@ def jacobian_norms(model: nn.Module, inputs: Tensor, method: str = "auto", *, ou
         else:
             logits, sq = block_sq_norms(model, inputs, one_hot_directions, method=method,
                                         output_fn=output_fn, chunk_size=chunk_size)
-    check_head_shape(logits)
+    check_finite_logits(logits)
     return _finish(sq, per_block, logits)
 
 
@@ -273,6 +273,6 @@ def grad_norms(model: nn.Module, inputs: Tensor, targets: Tensor, method: str = 
     return _finish(sq, per_block, logits)
 
 
-def check_head_shape(logits: Tensor) -> None:
+def check_finite_logits(logits: Tensor) -> None:
     if not torch.isfinite(logits).all():
         raise ValueError("the model's logits contain NaN or Inf; the model has diverged")

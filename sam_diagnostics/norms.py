@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .hooks import capture_inputs
-
 __all__ = ["find_head", "weight_norms", "activation_norms", "resolve_layers"]
 
 
@@ -86,12 +84,3 @@ def weight_norms(model: nn.Module) -> dict[str, Tensor]:
                 out[name] = w.detach().norm()
     return out
 
-
-def input_norms(model: nn.Module, layers: dict[str, nn.Module], inputs: Tensor,
-                output_fn=None) -> dict[str, Tensor]:
-    """Forward once and return the per-example input norms of ``layers``."""
-    from .jacobian import model_logits
-
-    with torch.no_grad(), capture_inputs(layers) as acts:
-        model_logits(model, inputs, output_fn)
-    return activation_norms(acts)
