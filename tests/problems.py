@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import zoo_models as zm
 from torch import nn
 
 
@@ -111,13 +112,30 @@ def custom():
     return nn.Sequential(nn.Linear(4, 5), Scale(5), nn.Tanh(), nn.Linear(5, 3))
 
 
+LAST_LINEAR = "<last nn.Linear>"
+
+
 @dataclass
 class Problem:
+    """One model family. The zoo fields (after ``binary``) have defaults that fit ``PROBLEMS``.
+
+    ``head``: name of the module whose input is the head input (the penultimate activation and
+    the layer of ``last_layer_weight_norm``); ``LAST_LINEAR`` = the last ``nn.Linear`` in
+    ``named_modules()``; ``None`` = no module is the head (a functional / Parameter head), so
+    ``Probe`` must refuse to guess one. ``batch``: the zoo's batch size. ``train``: the family
+    also runs a SAM step in train mode (randomness). ``allowed_refusal``: calls (see
+    ``tests/test_zoo.py``) where a clear library error is the honest answer — keep it small.
+    """
+
     name: str
     model: Callable[[], nn.Module]
     inputs: Callable[[int], torch.Tensor]
     num_classes: int  # 2 with a single logit = binary head
     binary: bool = False
+    head: str | None = LAST_LINEAR
+    batch: int = 5
+    train: bool = False
+    allowed_refusal: frozenset = frozenset()
 
 
 def _randn(*shape):
@@ -135,6 +153,50 @@ PROBLEMS = [
     Problem("sequence", SeqModel, lambda b: torch.randint(0, 11, (b, 7)), 3),
     Problem("tied", TiedModel, lambda b: torch.randint(0, 7, (b, 3)), 7),
 ]
+
+
+def _tokens(vocab, length):
+    return lambda b: torch.randint(0, vocab, (b, length))
+
+
+# The zoo of issue 9: every way of using parameters that once made the library wrong or crash.
+# All families are measured in eval mode in float64 against tests/reference.py.
+ZOO_ONLY = [
+    Problem("gpt_tied_functional", zm.GPTTied, _tokens(7, 4), 7, head=None),
+    Problem("wn_legacy_hidden", zm.wn_legacy_hidden, _randn(5), 3),
+    Problem("wn_legacy_head", zm.wn_legacy_head, _randn(5), 3),
+    Problem("wn_param_hidden", zm.wn_param_hidden, _randn(5), 3),
+    Problem("wn_param_head", zm.wn_param_head, _randn(5), 3),
+    Problem("spectral_hidden", zm.spectral_hidden, _randn(5), 3),
+    Problem("spectral_head", zm.spectral_head, _randn(5), 3),
+    Problem("root_temperature", zm.Temperature, _randn(5), 3, head="head"),
+    Problem("root_positional", zm.RootPositional, _tokens(9, 4), 3, head="head"),
+    Problem("root_matmul_head", zm.RootMatmulHead, _tokens(9, 3), 4, head=None),
+    Problem("param_head_after_linear", zm.LinearThenParamHead, _randn(4), 3, head=None),
+    Problem("zero_dim_binary", zm.zero_dim_binary, _randn(5), 2, binary=True),
+    Problem("rnn_batch_first", lambda: zm.RecurrentClassifier("rnn", True), _randn(4, 3), 3),
+    Problem("rnn_seq_first", lambda: zm.RecurrentClassifier("rnn", False, pool="mean"),
+            _randn(4, 3), 3),
+    Problem("gru_batch_first", lambda: zm.RecurrentClassifier("gru", True, pool="mean"),
+            _randn(4, 3), 3),
+    Problem("gru_seq_first", lambda: zm.RecurrentClassifier("gru", False), _randn(4, 3), 3),
+    Problem("lstm_batch_first", lambda: zm.RecurrentClassifier("lstm", True), _randn(4, 3), 3),
+    Problem("lstm_seq_first", lambda: zm.RecurrentClassifier("lstm", False, pool="mean"),
+            _randn(4, 3), 3),
+    Problem("transformer_encoder", zm.TransformerClassifier, _tokens(9, 4), 3, head="head"),
+    Problem("mha", zm.MHAClassifier, _randn(4, 3), 4, head="head"),
+    Problem("mha_bias_kv", lambda: zm.MHAClassifier(add_bias_kv=True), _randn(4, 3), 4,
+            head="head"),
+    Problem("lora_subclass", zm.lora, _randn(4), 3),
+    Problem("ws_conv_subclass", zm.ws_conv, _randn(2, 4, 4), 3),
+    # sequence-first layers with L == B == 5: the batch axis cannot be guessed from sizes
+    Problem("seq_first_L_eq_B", zm.SeqFirst, _tokens(9, 5), 3, head="head", batch=5),
+    Problem("seq_first_mha_L_eq_B", zm.SeqFirstMHA, _randn(5, 3), 3, head="head", batch=5),
+    Problem("embedding_max_norm", zm.MaxNormEmbedding, _tokens(9, 3), 3, head="head"),
+    Problem("dropout_custom", zm.dropout_custom, _randn(4), 3, train=True),
+]
+# every existing problem is in the zoo too (TiedModel: attribute tying head.weight = emb.weight)
+ZOO = PROBLEMS + ZOO_ONLY
 
 
 def make(problem: Problem, batch: int = 5, seed: int = 0):
