@@ -1,11 +1,12 @@
 """sam_diagnostics: per-example diagnostics and optimizers for SAM under label noise."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
+from .engine import Engine
+from .errors import NonFiniteError, Unsupported
 from .jacobian import grad_norms, jacobian_norms
 from .logit_terms import logit_scale, logit_term, margin, per_example_loss
 from .optim import SAM, RegularizedSGD, SGDStep, make_optimizer
-from .perturb import group_slices, perturbed, sam_epsilon
+from .perturb import epsilon, group_slices, perturbed, sam_epsilon
 from .probe import Probe
 from .record import Recorder
 from .rules import register_rule
@@ -14,6 +15,10 @@ from .train import TrainConfig, train
 
 __all__ = [
     "__version__",
+    "Engine",
+    "NonFiniteError",
+    "Unsupported",
+    "epsilon",
     "grad_norms",
     "jacobian_norms",
     "logit_scale",

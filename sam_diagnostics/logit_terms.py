@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import NonFiniteError
+
 __all__ = ["check_head", "per_example_loss", "logit_term", "logit_scale", "margin", "is_binary"]
 
 
@@ -57,7 +59,7 @@ def check_head(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         bad = ~torch.isfinite(logits)
         bad = bad.any(dim=-1) if bad.dim() == 2 else bad
         idx = torch.nonzero(bad).flatten()[:5].tolist()
-        raise ValueError(
+        raise NonFiniteError(
             f"logits contain NaN or Inf (examples {idx}...); the model diverged or the input "
             "contains non-finite values — lower the learning rate or check the data"
         )

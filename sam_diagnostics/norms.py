@@ -10,14 +10,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["find_head", "weight_norms", "activation_norms", "resolve_layers"]
+from .errors import NonFiniteError
+
+__all__ = ["find_head", "weight_norms", "resolve_layers"]
+
+
+_VIEW_NODES = ("View", "Reshape", "Squeeze", "Unsqueeze", "Select", "Slice", "Clone",
+               "Expand", "Alias", "Contiguous", "ToCopy")
+
+
+def _is_output_of(logits: Tensor, out: Tensor) -> bool:
+    """Whether ``logits`` is ``out`` up to views / reshapes (no computation in between)."""
+    if out.grad_fn is None or logits.grad_fn is None:
+        return logits.numel() == out.numel() and torch.equal(logits.reshape(-1), out.reshape(-1))
+    node = logits.grad_fn
+    while node is not None:
+        if node is out.grad_fn:
+            return True
+        if not type(node).__name__.startswith(_VIEW_NODES):
+            return False
+        nxt = [f for f, _ in node.next_functions if f is not None]
+        node = nxt[0] if len(nxt) == 1 else None
+    return False
 
 
 def find_head(model: nn.Module, inputs: Tensor, output_fn=None) -> str:
-    """Name of the final ``nn.Linear``: the last one called whose output is the logits.
+    """Name of the final ``nn.Linear``: the last one called, whose output *is* the logits.
 
-    Runs one forward on the first example. Raises ``ValueError`` if no linear layer runs or if
-    the last one called cannot be the head (pass ``head=...`` explicitly then).
+    Runs one forward on the first example. Raises ``ValueError`` naming ``head=`` /
+    ``output_fn=`` if no linear layer runs, or if the last one called is not the last
+    computation on the logits (a temperature, a custom Parameter head or a functional head
+    follows it): the diagnostics would measure the wrong layer.
 
     Examples
     --------
@@ -25,30 +48,33 @@ def find_head(model: nn.Module, inputs: Tensor, output_fn=None) -> str:
     >>> find_head(net, torch.randn(2, 4))
     '2'
     """
-    from .jacobian import model_logits
+    from .engine import call_model
 
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: order.append(n))
+    order: list[tuple[str, Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: order.append((n, o)))
                for n, m in linears.items()]
     try:
-        with torch.no_grad():
-            logits = model_logits(model, inputs[:1], output_fn)
+        with torch.enable_grad():
+            logits = call_model(model, inputs[:1], output_fn)
     finally:
         for h in handles:
             h.remove()
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError("the model's logits contain NaN or Inf; the model has diverged or "
+                             "the input is not finite")
     if not order:
         raise ValueError(
             "no linear head found: no nn.Linear ran in the forward pass. The diagnostics need a "
             "final linear layer z = V a + b; pass head='<module name>' naming it"
         )
-    name = order[-1]
-    n_out = 1 if logits.dim() == 1 else logits.shape[1]
-    if linears[name].out_features != n_out or order.count(name) > 1:
+    name, out = order[-1]
+    if not _is_output_of(logits, out) or sum(n == name for n, _ in order) > 1:
         raise ValueError(
-            f"cannot identify the final linear layer: the last nn.Linear called, {name!r}, "
-            f"has {linears[name].out_features} outputs (called {order.count(name)}x) but the "
-            f"model returns {n_out} logits; pass head='<module name>' explicitly"
+            f"cannot identify the final linear layer: the last nn.Linear called, {name!r}, is "
+            "not the last computation on the logits (something follows it: a temperature, a "
+            "Parameter or functional head, a second call). Pass head='<module name>' naming the "
+            "final linear layer z = V a + b, or output_fn=... if the logits need selecting"
         )
     return name
 
@@ -63,24 +89,13 @@ def resolve_layers(model: nn.Module, names) -> dict[str, nn.Module]:
     return {n: modules[n] for n in names}
 
 
-def activation_norms(acts: dict[str, list[Tensor]]) -> dict[str, Tensor]:
-    """Per-example L2 norm of each watched module's input (all calls concatenated), ``[B]``."""
-    out = {}
-    for name, calls in acts.items():
-        if not calls:
-            raise ValueError(f"watched layer {name!r} did not run in the forward pass")
-        flat = torch.cat([c.reshape(c.shape[0], -1) for c in calls], dim=1)
-        out[name] = flat.norm(dim=1)
-    return out
-
-
 def weight_norms(model: nn.Module) -> dict[str, Tensor]:
     """Frobenius norm of the ``weight`` of every module that has one, ``{module name: scalar}``."""
     out = {}
     with torch.no_grad():
         for name, module in model.named_modules():
-            w = getattr(module, "weight", None)
-            if isinstance(w, nn.Parameter):
+            w = getattr(module, "weight", None)  # parametrized / derived weights included
+            if isinstance(w, Tensor):
                 out[name] = w.detach().norm()
     return out
 

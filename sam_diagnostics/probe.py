@@ -14,21 +14,13 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
 
-from . import __version__
-from .hooks import Capture, capture_inputs, make_plan, measuring, traced
-from .jacobian import (
-    check_inputs,
-    exact_block_sq_norms,
-    loss_directions,
-    model_logits,
-    one_hot_directions,
-)
+from ._version import __version__
+from .engine import Engine, check_inputs, check_targets, logit_grad, one_hot_directions
+from .hooks import measuring
 from .logit_terms import check_head, logit_scale, margin, per_example_loss
-from .norms import activation_norms, find_head, resolve_layers, weight_norms
-from .perturb import check_rho_m, group_slices, per_example_offsets, perturbed, sam_epsilon
-from .rules import NotFastError
+from .norms import find_head, resolve_layers, weight_norms
+from .perturb import check_rho_m, epsilon, group_slices, perturbed
 
 __all__ = ["Probe", "VIEWS"]
 
@@ -41,7 +33,6 @@ class _View:
     jac_sq: dict[str, Tensor]
     grad_sq: dict[str, Tensor]
     acts: dict[str, Tensor]
-    offsets: dict | None = None
 
 
 def _total(sq: dict[str, Tensor], like: Tensor) -> Tensor:
@@ -84,6 +75,8 @@ class Probe:
 
     def __init__(self, model: nn.Module, layers=None, *, head: str | None = None,
                  output_fn=None, loss_fn=None, method: str = "auto", per_block: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
         if method not in ("auto", "fast", "exact"):
             raise ValueError(f"method must be 'auto', 'fast' or 'exact', got {method!r}")
         self.model = model
@@ -99,57 +92,39 @@ class Probe:
             resolve_layers(model, self.layers)
 
     # ------------------------------------------------------------------ views
-    def _fast_view(self, x, y, layers, plan, offsets=None, rho=None) -> _View:
-        if plan.problem:
-            raise NotFastError(plan.problem)
-        xt = traced(x)
-        with torch.enable_grad(), Capture(plan, offsets, inputs=xt) as cap, \
-                capture_inputs(layers, skip=cap.busy) as acts:
-            logits = model_logits(self.model, xt, self.output_fn)
-        check_head(logits.detach(), y)
-        cap.check_all_fired(logits)
-        jd = one_hot_directions(logits.detach())
-        dirs = torch.cat([jd, loss_directions(self.loss_fn)(logits.detach(), y)])
-        cots = cap.cotangents(logits, dirs)
-        K = jd.shape[0]
-        jac = cap.sq_norms({n: [c[:K] for c in v] for n, v in cots.items()})
-        grad_cots = {n: [c[K:] for c in v] for n, v in cots.items()}
-        offsets = None
-        if rho is not None:  # the gradient norms and the SAM view's offsets in one go
-            grd, offsets = per_example_offsets(cap, grad_cots, rho)
-        else:
-            grd = cap.sq_norms(grad_cots)
-        return _View(logits.detach(), jac, grd, activation_norms(acts), offsets)
+    def _view(self, p, y, grad_sq=None) -> _View:
+        """Jacobian and gradient norms of one pass (``grad_sq`` if already computed)."""
+        z = p.logits.detach()
+        check_head(z, y)
+        jac = p.sq_norms(one_hot_directions(z))
+        if grad_sq is None:
+            grad_sq = p.sq_norms(logit_grad(self.loss_fn, p.logits, y)[None])
+        return _View(z, jac, grad_sq, p.acts)
 
-    def _exact_view(self, x, y, layers, plan, eps=None) -> _View:
-        logits, jac = exact_block_sq_norms(self.model, x, one_hot_directions, None, plan,
-                                           self.output_fn, eps=eps)
-        check_head(logits, y)
-        _, grd = exact_block_sq_norms(self.model, x, loss_directions(self.loss_fn), y, plan,
-                                      self.output_fn, eps=eps)
-        return _View(logits, jac, grd, self._exact_acts(x, layers, eps))
-
-    def _exact_acts(self, x, layers, eps):
-        if eps is None:
-            with torch.no_grad(), capture_inputs(layers) as acts:
-                model_logits(self.model, x, self.output_fn)
-            return activation_norms(acts)
-        model = self.model
-        params = {n: p.detach() for n, p in model.named_parameters()}
-        params.update(dict(model.named_buffers()))
-
-        def one(e, xi):
-            with capture_inputs(layers) as acts:
-                functional_call(model, {**params, **{n: params[n] + e[n] for n in e}},
-                                (xi[None],))
-            return {n: v[0] for n, v in activation_norms(acts).items()}
-
-        with torch.no_grad():
-            return vmap(one)(eps, x)
+    def _both_views(self, engine: Engine, plan, x, y, rho, m, adaptive, watch):
+        at_w = engine.run(plan, x, watch=watch)
+        check_head(at_w.logits.detach(), y)
+        delta = logit_grad(self.loss_fn, at_w.logits, y)
+        if m == 1 or (m is None and x.shape[0] == 1):
+            if adaptive:
+                grad_sq, off = at_w.adaptive_offsets(delta, rho, engine.params())
+            else:
+                grad_sq, off = at_w.offsets(delta, rho)
+            sgd = self._view(at_w, y, grad_sq)
+            return sgd, self._view(engine.run(plan, x, offsets=off, watch=watch), y)
+        sgd = self._view(at_w, y)
+        parts = []
+        for s in group_slices(x.shape[0], m):
+            g = engine.run(plan, x[s]).grad(delta[s] / (s.stop - s.start))
+            eps = epsilon(g, rho, engine.params(), adaptive)
+            with perturbed(self.model, eps):
+                parts.append(self._view(engine.run(plan, x[s], watch=watch), y[s]))
+        return sgd, _cat_views(parts)
 
     # ------------------------------------------------------------------ measure
     def measure(self, inputs: Tensor, targets: Tensor, rho: float = 0.05, m: int | None = 1, *,
-                example_ids=None, is_noisy=None, true_labels=None) -> xr.Dataset:
+                adaptive: bool = False, example_ids=None, is_noisy=None,
+                true_labels=None) -> xr.Dataset:
         """Measure a batch in both views.
 
         Parameters
@@ -161,6 +136,9 @@ class Probe:
         m : int or None
             Examples per perturbation group: ``1`` = 1-SAM's per-example ``ε_i``, ``None`` = one
             ε for the whole batch; groups are consecutive (the last one holds the remainder).
+        adaptive : bool
+            ASAM's ``ε = ρ T² g / ‖T g‖`` with ``T = |w|`` (the view an ``adaptive=True``
+            optimizer takes).
         example_ids, is_noisy, true_labels : array-like, optional
             Coordinates along ``example`` (stable ids, the noise mask, the clean labels).
 
@@ -172,51 +150,22 @@ class Probe:
             (view, example), ``activation_norm`` over (view, example, layer),
             ``last_layer_weight_norm`` (scalar, at w) and ``weight_norm`` over module.
         """
-        check_inputs(inputs)
-        check_rho_m(rho, m)
-        if not isinstance(targets, Tensor) or targets.shape[:1] != inputs.shape[:1]:
-            raise ValueError(
-                f"targets must be a tensor of shape [B] = [{inputs.shape[0]}] matching inputs, "
-                f"got {getattr(targets, 'shape', type(targets))}"
-            )
-        B = inputs.shape[0]
         model = self.model
+        check_inputs(inputs, model)
+        check_rho_m(rho, m)
+        check_targets(targets, inputs)
+        B = inputs.shape[0]
+        engine = Engine(model, output_fn=self.output_fn, method=self.method,
+                        loss_fn=self.loss_fn)
         with measuring(model):
             head = self.head or find_head(model, inputs, self.output_fn)
             self.head = head
-            layers = resolve_layers(model, self.layers or [head])
-            plan = make_plan(model)
-            use_fast = self.method != "exact"
-            try:
-                sgd, sam = self._both_views(inputs, targets, rho, m, layers, plan, use_fast)
-            except NotFastError as err:
-                if self.method == "fast":
-                    raise ValueError(f"method='fast' cannot be exact for this model: {err}; "
-                                     "use method='exact' or 'auto'") from err
-                sgd, sam = self._both_views(inputs, targets, rho, m, layers, plan, False)
+            watch = resolve_layers(model, self.layers or [head])
+            sgd, sam = engine.attempt(inputs, lambda plan: self._both_views(
+                engine, plan, inputs, targets, rho, m, adaptive, watch))
             wn = weight_norms(model)
-        return self._dataset(sgd, sam, targets, wn, head, list(layers), rho, m, B,
+        return self._dataset(sgd, sam, targets, wn, head, list(watch), rho, m, B,
                              example_ids, is_noisy, true_labels)
-
-    def _both_views(self, x, y, rho, m, layers, plan, fast):
-        if fast:
-            sgd = self._fast_view(x, y, layers, plan, rho=rho if m == 1 else None)
-        else:
-            sgd = self._exact_view(x, y, layers, plan)
-        if m == 1:
-            if fast:
-                return sgd, self._fast_view(x, y, layers, plan, offsets=sgd.offsets)
-            eps = sam_epsilon(self.model, x, y, rho, 1, loss_fn=self.loss_fn,
-                              output_fn=self.output_fn)
-            return sgd, self._exact_view(x, y, layers, plan, eps=eps)
-        eps = sam_epsilon(self.model, x, y, rho, m, loss_fn=self.loss_fn,
-                          output_fn=self.output_fn)
-        parts = []
-        for g, s in enumerate(group_slices(x.shape[0], m)):
-            with perturbed(self.model, {n: e[g] for n, e in eps.items()}):
-                view = self._fast_view if fast else self._exact_view
-                parts.append(view(x[s], y[s], layers, plan))
-        return sgd, _cat_views(parts)
 
     # ------------------------------------------------------------------ dataset
     def _dataset(self, sgd, sam, targets, wn, head, layers, rho, m, B, example_ids, is_noisy,

@@ -21,8 +21,7 @@ from benchmarks import run  # noqa: E402
 from benchmarks.bench_norms import naive_grad_norms, naive_jacobian_norms  # noqa: E402
 from benchmarks.models import CONFIGS  # noqa: E402
 from benchmarks.timing import child_peak_rss, interleaved  # noqa: E402
-from sam_diagnostics.hooks import make_plan  # noqa: E402
-from sam_diagnostics.rules import FALLBACK  # noqa: E402
+from sam_diagnostics.plan import make_plan  # noqa: E402
 
 
 def test_quick_run_writes_every_section(tmp_path, capsys):
@@ -59,8 +58,8 @@ def test_models_use_only_per_layer_rules(name):
     """The benchmark measures the fast path, not the torch.func fallback."""
     model = CONFIGS[name].model()
     plan = make_plan(model)
-    assert plan.problem is None
-    assert all(rule is not FALLBACK for _, rule in plan.entries.values())
+    assert not plan.whole, plan.reason
+    assert all(not e.rule.subtree for e in plan.entries.values())
     x, y = CONFIGS[name].data(3)
     assert model(x).shape == (3, 10)
     fast = sd.jacobian_norms(model, x, method="fast")

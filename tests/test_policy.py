@@ -216,7 +216,7 @@ def test_fast_rejects_functional_use_of_a_parameter():
 
     model = Functional().double()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match="outside its module"):
+    with pytest.raises(ValueError, match="fast' cannot be exact.*self-check"):
         sd.jacobian_norms(model, x, "fast")
     torch.testing.assert_close(sd.jacobian_norms(model, x, "auto"),
                                sd.jacobian_norms(model, x, "exact"))
@@ -246,7 +246,7 @@ def test_unbatched_module_inputs_fall_back_to_exact(B):
     x, y = torch.randn(B, 4, 3, dtype=torch.float64), torch.randint(0, 2, (B,))
     exact = sd.jacobian_norms(model, x, "exact")
     torch.testing.assert_close(sd.jacobian_norms(model, x), exact)
-    with pytest.raises(ValueError, match="not per-example"):
+    with pytest.raises(ValueError, match="no batch dimension"):
         sd.jacobian_norms(model, x, "fast")
     ds = sd.Probe(model).measure(x, y, rho=0.1)
     ref = sd.Probe(model, method="exact").measure(x, y, rho=0.1)

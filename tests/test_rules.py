@@ -13,8 +13,8 @@ from problems import Scale
 from torch import nn
 from torch.func import functional_call
 
-from sam_diagnostics.hooks import make_plan
-from sam_diagnostics.rules import FALLBACK, rule_for
+from sam_diagnostics.plan import exact_plan, make_plan
+from sam_diagnostics.rules import FALLBACK, Call, Entry, functional, rule_for
 
 SETTINGS = settings(max_examples=12, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -40,9 +40,26 @@ def reference(module, a, b, scale, a_new):
     return torch.stack(sq), torch.stack(outs)
 
 
+def entry_of(module, rule=None):
+    """The plan entry a module gets (or the fallback over it)."""
+    if rule is FALLBACK:
+        fn, params = functional(module)
+        return Entry("", module, FALLBACK, params, fn)
+    own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    return Entry("", module, rule or rule_for(module), own)
+
+
+def sq_norms(entry, calls, cots):
+    """Stream the directions of ``cots`` (one ``[K, B, *out]`` per call) through the rule."""
+    acc = entry.rule.accumulator(entry, calls)
+    for k in range(cots[0].shape[0]):
+        acc.add([c[k] for c in cots])
+    return acc
+
+
 def check_rule(module, a, K=3, rule=None):
     module = module.double()
-    rule = rule or rule_for(module)
+    entry = entry_of(module, rule)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         out = module(a)
@@ -50,13 +67,16 @@ def check_rule(module, a, K=3, rule=None):
     scale = torch.rand(a.shape[0], generator=g, dtype=torch.float64)
     a_new = a.roll(1, 0) if a.is_floating_point() else a.flip(0)
     sq_ref, out_ref = reference(module, a, b, scale, a_new)
-    calls = [((a,), {})]
-    got = rule.sq_norms(module, calls, [b])
+    calls = [Call((a,), {}, out, (0,), 0)]
+    got = sq_norms(entry, calls, [b]).result()
     total = sum(got.values()) if got else torch.zeros(a.shape[0], dtype=torch.float64)
     torch.testing.assert_close(total, sq_ref, rtol=1e-6, atol=1e-9)
-    state = rule.prepare(module, calls, [b[:1]], scale)
+    state = sq_norms(entry, calls, [b[:1]]).offsets(scale)
     with torch.no_grad():
-        got_out = rule.apply(module, state, ((a_new,), {}), module(a_new))
+        new = Call((a_new,), {}, module(a_new), (0,), 0)
+        got_out = entry.rule.apply(entry, state, new)
+        if entry.rule.subtree:
+            got_out = got_out[0]
     torch.testing.assert_close(got_out, out_ref, rtol=1e-6, atol=1e-9)
 
 
@@ -147,7 +167,8 @@ class Bilinear(nn.Module):
 def test_fallback_module_with_subtree(B):
     """A module without a rule: torch.func per-example VJPs over its whole subtree."""
     module = Bilinear()
-    assert make_plan(module).entries[""][1] is FALLBACK
+    assert make_plan(module).whole  # the root owns a parameter: the exact plan
+    assert exact_plan(module).entries[""].rule is FALLBACK
     check_rule(module, randn(B, 4), rule=FALLBACK)
 
 
@@ -155,9 +176,10 @@ def test_fallback_on_a_rule_layer_agrees_with_the_rule():
     lin = nn.Linear(4, 3).double()
     a = randn(3, 5, 4)
     b = randn(2, 3, 5, 3)
-    calls = [((a,), {})]
-    fast = sum(rule_for(lin).sq_norms(lin, calls, [b]).values())
-    slow = sum(FALLBACK.sq_norms(lin, calls, [b]).values())
+    with torch.no_grad():
+        calls = [Call((a,), {}, lin(a), (0,), 0)]
+    fast = sum(sq_norms(entry_of(lin), calls, [b]).result().values())
+    slow = sum(sq_norms(entry_of(lin, FALLBACK), calls, [b]).result().values())
     torch.testing.assert_close(fast, slow)
 
 
@@ -165,7 +187,8 @@ def test_module_called_twice_includes_cross_terms():
     lin = nn.Linear(3, 3).double()
     a1, a2 = randn(2, 3), randn(2, 3)
     b1, b2 = randn(1, 2, 3), randn(1, 2, 3)
-    got = sum(rule_for(lin).sq_norms(lin, [((a1,), {}), ((a2,), {})], [b1, b2]).values())
+    calls = [Call((a1,), {}, None, (0,), 0), Call((a2,), {}, None, (0,), 0)]
+    got = sum(sq_norms(entry_of(lin), calls, [b1, b2]).result().values())
     for i in range(2):
         gw = torch.outer(b1[0, i], a1[i]) + torch.outer(b2[0, i], a2[i])
         gb = b1[0, i] + b2[0, i]
@@ -173,12 +196,13 @@ def test_module_called_twice_includes_cross_terms():
 
 
 def test_registering_a_rule_is_one_class():
-    from sam_diagnostics.rules import RULES, LinearRule, register_rule
+    from sam_diagnostics.rules import RULES, register_rule
+    from sam_diagnostics.rules.linear import LinearRule
 
     class MyLinear(nn.Linear):
         pass
 
-    assert rule_for(MyLinear(2, 2)) is RULES[nn.Linear]  # subclasses inherit the rule
+    assert rule_for(MyLinear(2, 2)) is None  # rules match exact types: a subclass is not Linear
 
     @register_rule(MyLinear)
     class MyRule(LinearRule):
@@ -194,14 +218,15 @@ def test_registering_a_rule_is_one_class():
 def test_directions_in_small_chunks_give_the_same_norms(monkeypatch):
     """Materialized rules split the K directions into memory-bounded chunks."""
     import sam_diagnostics as sd
-    from sam_diagnostics import rules
+    from sam_diagnostics.rules import base, fallback
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv1d(2, 4, 3, groups=2), nn.GroupNorm(2, 4), nn.Tanh(),
                         nn.Flatten(), nn.LayerNorm(24), Bilinear_head()).double()
     x = randn(3, 2, 8)
     whole = sd.jacobian_norms(net, x, "fast")
-    monkeypatch.setattr(rules, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(fallback, "CHUNK_ELEMENTS", 1)
     torch.testing.assert_close(sd.jacobian_norms(net, x, "fast"), whole)
     torch.testing.assert_close(whole, sd.jacobian_norms(net, x, "exact"))
 

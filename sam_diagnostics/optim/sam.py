@@ -7,10 +7,11 @@ For every group ``g`` of ``m`` examples, ``ε_g = ρ ∇L_g(w) / ‖∇L_g(w)‖
     L-SAM : g_i = J_i(w)ᵀ   δ_i(w+ε)      (only the logit term)
     J-SAM : g_i = J_i(w+ε)ᵀ δ_i(w)        (only the Jacobian)
 
-and the base optimizer steps with ``(1/B) Σ_i g_i``. The weights are never moved: perturbed
-passes run at ``w + ε`` through hooks (m = 1) or ``torch.func.functional_call`` (groups), so
-``w`` is exactly as before when the base optimizer steps. BatchNorm running statistics are not
-updated by the perturbed pass.
+and the base optimizer steps with ``(1/B) Σ_i g_i``. Every pass goes through the engine
+(:mod:`sam_diagnostics.engine`): with ``m = 1`` each example is evaluated at its own ``w + ε_i``
+through the factored offsets (per-layer rules where proven exact, torch.func otherwise); groups
+are evaluated at ``w + ε_g`` in place and ``w`` is restored bit-exactly before the base
+optimizer steps. BatchNorm running statistics are not updated by the perturbed pass.
 
 Examples
 --------
@@ -21,41 +22,18 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
 
-from ..hooks import Capture, check_per_example, make_plan, traced
-from ..jacobian import check_inputs, check_loss, model_logits
+from ..engine import Engine, check_inputs, check_loss, check_targets, logit_grad
+from ..hooks import check_per_example, frozen_buffers, kept_attributes, unfused_attention
 from ..logit_terms import check_head, per_example_loss
-from ..perturb import _normalize, check_rho_m, group_slices, per_example_offsets
-from ..rules import NotFastError
+from ..perturb import check_rho_m, epsilon, group_slices, perturbed
+from ..plan import exact_plan
 
 __all__ = ["SAM", "VARIANTS"]
 
 VARIANTS = ("sam", "lsam", "jsam")
-
-
-@contextlib.contextmanager
-def frozen_buffers(model: nn.Module):
-    """Restore every buffer (e.g. BatchNorm running statistics) bit-exactly on exit."""
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(saved[n])
-
-
-def _logit_grad(loss_fn, logits: Tensor, targets: Tensor) -> Tensor:
-    """``δ_i = ∂ℓ_i/∂z_i`` as a constant (per example, unscaled)."""
-    with torch.enable_grad():
-        z = logits.detach().requires_grad_(True)
-        (d,) = torch.autograd.grad(loss_fn(z, targets).sum(), z)
-    return d
 
 
 class SAM:
@@ -112,6 +90,7 @@ class SAM:
         self.rho, self.m, self.variant, self.adaptive = float(rho), m, variant, adaptive
         self.loss_fn = loss_fn or per_example_loss
         self.output_fn, self.method = output_fn, method
+        self.engine = Engine(model, output_fn=output_fn, method=method, loss_fn=self.loss_fn)
         self._saved: dict[nn.Parameter, Tensor] = {}
 
     # ----------------------------------------------------------- torch.optim-like surface
@@ -141,32 +120,26 @@ class SAM:
 
         Returns the batch's mean loss at ``w`` (detached).
         """
-        check_inputs(inputs)
-        if not isinstance(targets, Tensor) or targets.shape[:1] != inputs.shape[:1]:
-            raise ValueError(
-                f"targets must be a tensor of shape [B] = [{inputs.shape[0]}] matching inputs, "
-                f"got {getattr(targets, 'shape', type(targets))}"
-            )
+        if self._saved:
+            raise RuntimeError("step() called between first_step() and second_step(); finish "
+                               "the two-call update with second_step() first")
+        check_inputs(inputs, self.model)
+        check_targets(targets, inputs)
         if self.m is not None and self.m < inputs.shape[0]:
             check_per_example(self.model)
         grads, loss = self.gradient(inputs, targets)
-        params = self._params()
-        for n, p in params.items():
+        for n, p in self._params().items():
             p.grad = grads[n].to(p.dtype)
         self.base_optimizer.step()
         return loss
 
     def gradient(self, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The variant's mean gradient ``(1/B) Σ_i g_i`` per parameter and the mean loss at w."""
-        if self.m == 1 and self.method != "exact" and not self.adaptive:
-            try:
-                return self._fast_gradient(inputs, targets)
-            except NotFastError as err:
-                if self.method == "fast":
-                    raise ValueError(f"method='fast' cannot be exact here: {err}") from err
-        if self.m == 1:
-            return self._func_gradient(inputs, targets)
-        return self._group_gradient(inputs, targets)
+        with kept_attributes(self.model), unfused_attention():
+            if self.m == 1 or inputs.shape[0] == 1:
+                return self.engine.attempt(
+                    inputs, lambda plan: self._per_example(plan, inputs, targets))
+            return self._groups(inputs, targets)
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         if self.loss_fn is per_example_loss:
@@ -175,126 +148,83 @@ class SAM:
         check_loss(loss, logits)
         return loss
 
-    def _fast_gradient(self, x: Tensor, y: Tensor):
-        """m = 1 through the per-layer rules: ``W a' + c_i δ_i (a_i · a')`` for Linear layers."""
-        model, params = self.model, self._params()
-        plan = make_plan(model)
-        if plan.problem:
-            raise NotFastError(plan.problem)
+    def _cotangent(self, at_w, delta_w: Tensor, at_eps, y: Tensor) -> Tensor:
+        return logit_grad(self.loss_fn, at_eps.logits, y) if self.variant != "jsam" else delta_w
+
+    def _per_example(self, plan, x: Tensor, y: Tensor):
+        """m = 1: every example at its own ``w + ε_i`` through the engine's offsets (for Linear
+        layers ``W a' + c_i δ_i (a_i · a')``; torch.func where no rule is exact)."""
+        engine = self.engine
         with torch.enable_grad():
-            xt = traced(x)
-            with Capture(plan, inputs=xt) as cap:
-                logits = model_logits(model, xt, self.output_fn)
-            cap.check_all_fired(logits)
-            loss = self._loss(logits, y)
-            delta_w = _logit_grad(self.loss_fn, logits, y)
-            _, offsets = per_example_offsets(cap, cap.cotangents(logits, delta_w[None]), self.rho)
-            with frozen_buffers(model):
-                if self.variant == "lsam":
-                    with torch.no_grad(), Capture(plan, offsets, record=False):
-                        logits_p = model_logits(model, x, self.output_fn)
-                    out, cot = logits, _logit_grad(self.loss_fn, logits_p, y)
-                else:
-                    with Capture(plan, offsets, record=False):
-                        out = model_logits(model, x, self.output_fn)
-                    cot = (_logit_grad(self.loss_fn, out, y) if self.variant == "sam"
-                           else delta_w)
-                g = torch.autograd.grad(out, list(params.values()), grad_outputs=cot,
-                                        allow_unused=True, materialize_grads=True)
-        B = x.shape[0]
-        return {n: v / B for n, v in zip(params, g)}, loss.detach().mean()
-
-    def _func_gradient(self, x: Tensor, y: Tensor):
-        """m = 1 with torch.func: vmap over per-example parameters ``w + ε_i`` (O(B × P))."""
-        model = self.model
-        params = {n: p.detach() for n, p in self._params().items()}
-        const = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-        const.update(dict(model.named_buffers()))
-        with torch.no_grad():
-            loss = self._loss(model_logits(model, x, self.output_fn), y)
-        core = getattr(self.loss_fn, "unchecked", self.loss_fn)
-        output_fn = self.output_fn
-
-        def f(p, xi):
-            out = functional_call(model, {**const, **p}, (xi[None],))
-            return output_fn(out) if output_fn is not None else out
-
-        def loss_i(p, xi, yi):
-            return core(f(p, xi), yi[None])[0]
-
-        def dz(z, yi):
-            return grad(lambda q: core(q, yi[None])[0])(z.detach())
-
-        def per_example(xi, yi):
-            g = grad(loss_i)(params, xi, yi)
-            eps = _normalize(g, self.rho, params, self.adaptive, lead=0)
-            pe = {n: params[n] + eps[n] for n in params}
-            if self.variant == "sam":
-                return grad(loss_i)(pe, xi, yi)
-            if self.variant == "jsam":
-                cot = dz(f(params, xi), yi)
-                _, pull = vjp(lambda p: f({n: p[n] + eps[n] for n in p}, xi), params)
+            at_w = engine.run(plan, x)
+            loss = self._loss(at_w.logits, y)
+            delta = logit_grad(self.loss_fn, at_w.logits, y)
+            if self.adaptive:
+                _, off = at_w.adaptive_offsets(delta, self.rho, engine.params())
             else:
-                cot = dz(f(pe, xi), yi)
-                _, pull = vjp(lambda p: f(p, xi), params)
-            return pull(cot)[0]
+                _, off = at_w.offsets(delta, self.rho)
+            with frozen_buffers(self.model):
+                if self.variant == "lsam":  # J(w)ᵀ δ(w + ε): the pass at w + ε needs no graph
+                    at_eps = engine.run(plan, x, offsets=off, graph=False)
+                    g = at_w.grad(self._cotangent(at_w, delta, at_eps, y))
+                else:
+                    at_eps = engine.run(plan, x, offsets=off)
+                    g = at_eps.grad(self._cotangent(at_w, delta, at_eps, y))
+        B = x.shape[0]
+        return {n: v / B for n, v in g.items()}, loss.detach().mean()
 
-        chunk = max(1, 2**25 // max(1, sum(p.numel() for p in params.values())))
-        with frozen_buffers(model):
-            g = vmap(per_example, randomness="different", chunk_size=chunk)(x, y)
-        return {n: v.mean(0) for n, v in g.items()}, loss.detach().mean()
-
-    def _group_gradient(self, x: Tensor, y: Tensor):
-        """Groups of m examples (m = None: the batch): one ε per group, perturbed passes through
-        ``functional_call`` at ``w + ε_g`` (the module's own weights are never written)."""
-        model, params = self.model, self._params()
-        names = list(params)
+    def _groups(self, x: Tensor, y: Tensor):
+        """Groups of m examples (m = None: the batch): one ε per group, the model evaluated at
+        ``w + ε_g`` in place (:func:`~sam_diagnostics.perturb.perturbed`, restored exactly)."""
+        engine, plan = self.engine, exact_plan(self.model, self.output_fn)
+        params = engine.params()
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         losses = []
-        for s in group_slices(x.shape[0], self.m):
-            xg, yg = x[s], y[s]
-            with torch.enable_grad():
-                logits = model_logits(model, xg, self.output_fn)
-                loss = self._loss(logits, yg)
+        with torch.enable_grad():
+            for s in group_slices(x.shape[0], self.m):
+                xg, yg = x[s], y[s]
+                at_w = engine.run(plan, xg)
+                loss = self._loss(at_w.logits, yg)
                 losses.append(loss.detach())
-                g = torch.autograd.grad(loss.mean(), list(params.values()),
-                                        retain_graph=self.variant == "lsam", allow_unused=True,
-                                        materialize_grads=True)
-                p_det = {n: p.detach() for n, p in params.items()}
-                eps = _normalize(dict(zip(names, g)), self.rho, p_det, self.adaptive, lead=0)
-                pert = {n: params[n] + eps[n].detach() for n in names}
-                with frozen_buffers(model):
-                    if self.variant == "lsam":
-                        with torch.no_grad():
-                            z_p = self._call(pert, xg)
-                        out, cot = logits, _logit_grad(self.loss_fn, z_p, yg)
-                    else:
-                        out = self._call(pert, xg)
-                        cot = (_logit_grad(self.loss_fn, out, yg) if self.variant == "sam"
-                               else _logit_grad(self.loss_fn, logits, yg))
-                    gg = torch.autograd.grad(out, list(params.values()), grad_outputs=cot,
-                                             allow_unused=True, materialize_grads=True)
-            for n, v in zip(names, gg):
-                total[n] += v
+                delta = logit_grad(self.loss_fn, at_w.logits, yg)
+                eps = epsilon(at_w.grad(delta / (s.stop - s.start)), self.rho, params,
+                              self.adaptive)
+                with frozen_buffers(self.model):
+                    with perturbed(self.model, eps):
+                        at_eps = engine.run(plan, xg, graph=self.variant != "lsam")
+                        if self.variant != "lsam":
+                            g = at_eps.grad(self._cotangent(at_w, delta, at_eps, yg))
+                    if self.variant == "lsam":  # a fresh graph at w (the weights moved twice)
+                        g = engine.run(plan, xg).grad(
+                            self._cotangent(at_w, delta, at_eps, yg))
+                for n, v in g.items():
+                    total[n] += v
         B = x.shape[0]
         return {n: v / B for n, v in total.items()}, torch.cat(losses).mean()
-
-    def _call(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        out = functional_call(self.model, params, (x,), strict=False)
-        out = self.output_fn(out) if self.output_fn is not None else out
-        return out
 
     # ----------------------------------------------------------- the two-call form
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to ``w + ε`` using the gradients already in ``p.grad`` (batch SAM, two-call API
         as in the widely used davda54/sam: ``loss.backward(); opt.first_step(zero_grad=True);
-        loss_fn(model(x), y).backward(); opt.second_step()``)."""
+        loss_fn(model(x), y).backward(); opt.second_step()``).
+
+        Only batch SAM (``m=None``, ``variant="sam"``) can be computed from ``.grad``; the
+        others need ``opt.step(inputs, targets)``.
+        """
+        if self.m is not None or self.variant != "sam":
+            raise ValueError(
+                f"the two-call API computes one ε from the batch gradient in .grad, i.e. batch "
+                f"SAM; SAM(m={self.m}, variant={self.variant!r}) needs opt.step(inputs, "
+                "targets), or construct SAM(..., m=None, variant='sam') for the two-call form")
+        if self._saved:
+            raise RuntimeError("first_step() called twice: the weights are already at w + ε; "
+                               "call second_step() to restore w and step")
         params = {n: p for n, p in self._params().items() if p.grad is not None}
         if not params:
             raise RuntimeError("first_step needs gradients: call loss.backward() first")
-        eps = _normalize({n: p.grad for n, p in params.items()}, self.rho,
-                         {n: p.detach() for n, p in params.items()}, self.adaptive, lead=0)
+        eps = epsilon({n: p.grad for n, p in params.items()}, self.rho,
+                      {n: p.detach() for n, p in params.items()}, self.adaptive)
         self._saved = {p: p.detach().clone() for p in params.values()}
         for n, p in params.items():
             p.add_(eps[n])
