@@ -234,3 +234,17 @@ def test_directions_in_small_chunks_give_the_same_norms(monkeypatch):
 def Bilinear_head():  # noqa: N802 - a tiny factory: custom parameter (fallback) + Linear head
     return nn.Sequential(Scale(24), nn.Linear(24, 5))
 
+
+
+def test_layer_tables_in_the_docs_are_generated_from_the_registry():
+    from pathlib import Path
+
+    from sam_diagnostics.rules.__main__ import BEGIN, fill
+
+    root = Path(__file__).resolve().parents[1]
+    docs = [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+            if BEGIN in p.read_text()]
+    assert docs, "no rule table in the docs"
+    for p in docs:
+        assert fill(p.read_text()) == p.read_text(), (
+            f"{p.name}: run python -m sam_diagnostics.rules --write {p.relative_to(root)}")

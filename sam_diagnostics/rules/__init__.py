@@ -35,13 +35,17 @@ __all__ = ["RULES", "Accumulator", "Call", "Entry", "MaterializedAccumulator", "
            "per_example", "layer_table"]
 
 
+def _summary(cls) -> str:
+    """The first paragraph of a class docstring, on one line."""
+    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 def layer_table() -> str:
     """The registered rules as a Markdown table (the README and docs are generated from it)."""
     rows = ["| module type | rule | how |", "|---|---|---|"]
     for t, rule in RULES.items():
-        doc = (type(rule).__doc__ or "").strip().splitlines()[0]
+        doc = _summary(type(rule))
         name = f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else t.__qualname__
         rows.append(f"| `{name}` | `{type(rule).__name__}` | {doc} |")
-    doc = (FallbackRule.__doc__ or "").strip().splitlines()[0]
-    rows.append(f"| anything else | `FallbackRule` | {doc} |")
+    rows.append(f"| anything else | `FallbackRule` | {_summary(FallbackRule)} |")
     return "\n".join(rows)

@@ -96,7 +96,10 @@ class _ConvAcc(Accumulator):
 
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(Rule):
-    """Convolutions (materialized per-example gradient or Gram form)."""
+    """Unfolded patches: per-example gradient `Σ_l b_l p_lᵀ`, or the Gram form
+    `Σ_{l,m}(p_l·p_m)(b_l·b_m)` where cheaper; SAM view: grouped convolution with per-example
+    weights.
+    """
 
     def accumulator(self, entry, calls, state=None):
         return _ConvAcc(entry, calls)

@@ -56,7 +56,9 @@ class _EmbeddingAcc(Accumulator):
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
-    """``nn.Embedding`` without ``max_norm`` / ``scale_grad_by_freq`` (Gram form, index mask)."""
+    """Gram form with an index-equality mask (`padding_idx` rows get no gradient); SAM view by
+    index matching. `max_norm` / `scale_grad_by_freq`: not this rule.
+    """
 
     params = ("weight",)
 

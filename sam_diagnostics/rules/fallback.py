@@ -143,7 +143,10 @@ class _FallbackAcc(Accumulator):
 
 
 class FallbackRule(Rule):
-    """Any module (subtree) or the whole model: torch.func ``vjp`` per example."""
+    """torch.func per-example VJPs over the module's subtree (a per-example loop for recurrent
+    layers); SAM view `vmap(functional_call)` at `θ + Δ_i`. The whole model as one such entry is
+    `method="exact"`.
+    """
 
     params = ()
     subtree = True

@@ -80,7 +80,9 @@ class _LinearAcc(Accumulator):
 
 @register_rule(nn.Linear)
 class LinearRule(Rule):
-    """``nn.Linear`` with any leading dimensions (ghost norm, Gram form or materialized)."""
+    """Ghost norm `‖a_i‖²‖b_i‖²`; sequences: Gram form `Σ_{s,t}(a_s·a_t)(b_s·b_t)` or the
+    materialized gradient, whichever is cheaper; SAM view `W a' + c_i Σ_s b_s (a_s·a')`.
+    """
 
     def accumulator(self, entry, calls, state=None):
         return _LinearAcc(entry, calls)

@@ -31,7 +31,9 @@ def _affine_apply(state, xh_fn, out: Tensor, shape) -> Tensor:
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(Rule):
-    """``y = x̂ ⊙ γ + β`` over the trailing ``normalized_shape``."""
+    """Affine `y = x̂ ⊙ γ + β`: per-example `Σ b ⊙ x̂` and `Σ b` over the leading dimensions; SAM
+    view `x̂' ⊙ Δγ_i + Δβ_i` added.
+    """
 
     def _xhat(self, module, x):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
@@ -50,7 +52,9 @@ class LayerNormRule(Rule):
 
 @register_rule(nn.GroupNorm)
 class GroupNormRule(Rule):
-    """Per-channel affine GroupNorm; gradients summed over the spatial dimensions."""
+    """Per-channel affine: `Σ b ⊙ x̂` and `Σ b` over the spatial dimensions; SAM view `x̂' ⊙ Δγ_i +
+    Δβ_i` added.
+    """
 
     def _xhat(self, module, x):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
