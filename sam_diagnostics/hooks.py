@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .errors import Unsupported
 
 __all__ = ["measuring", "frozen_buffers", "kept_attributes", "check_model", "check_per_example",
-           "capture_inputs", "unfused_attention"]
+           "capture_inputs", "unfused_attention", "unwrap"]
 
 
 @contextlib.contextmanager
@@ -63,6 +63,14 @@ def check_per_example(model: nn.Module) -> None:
                 "statistics) or replace it by GroupNorm/LayerNorm (as the SAM label-noise paper "
                 "did)"
             )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (the rules see
+    through it; per-example passes never trigger the wrapper's gradient synchronisation)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def check_model(model: nn.Module) -> None:

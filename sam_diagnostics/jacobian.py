@@ -22,7 +22,7 @@ from .engine import (
     one_hot_directions,
 )
 from .errors import NonFiniteError
-from .hooks import measuring
+from .hooks import measuring, unwrap
 from .logit_terms import per_example_loss
 
 __all__ = ["jacobian_norms", "grad_norms", "METHODS", "model_logits", "check_inputs",
@@ -97,6 +97,7 @@ def jacobian_norms(model: nn.Module, inputs: Tensor, method: str = "auto", *, ou
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hutchinson" and (not isinstance(num_probes, int) or num_probes < 1):
         raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}")
+    model = unwrap(model)
     engine = Engine(model, output_fn=output_fn,
                     method="auto" if method == "hutchinson" else method)
     check_inputs(inputs, model)
@@ -132,6 +133,7 @@ def grad_norms(model: nn.Module, inputs: Tensor, targets: Tensor, method: str = 
     if method not in ("auto", "exact", "fast"):
         raise ValueError(f"method must be 'auto', 'exact' or 'fast' for grad_norms, got {method!r}")
     loss_fn = loss_fn or per_example_loss
+    model = unwrap(model)
     engine = Engine(model, output_fn=output_fn, method=method, loss_fn=loss_fn)
     check_inputs(inputs, model)
     check_targets(targets, inputs)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .engine import Engine, check_inputs, check_targets, logit_grad, one_hot_directions
-from .hooks import measuring
+from .hooks import measuring, unwrap
 from .logit_terms import check_head, logit_scale, margin, per_example_loss
 from .norms import find_head, resolve_layers, weight_norms
 from .perturb import check_rho_m, epsilon, group_slices, perturbed
@@ -79,7 +79,7 @@ class Probe:
             raise TypeError(f"Probe needs a torch.nn.Module, got {type(model).__name__}")
         if method not in ("auto", "fast", "exact"):
             raise ValueError(f"method must be 'auto', 'fast' or 'exact', got {method!r}")
-        self.model = model
+        self.model = model = unwrap(model)
         self.layers = list(layers) if layers is not None else None
         self.head = head
         self.output_fn = output_fn

@@ -26,7 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import Engine, check_inputs, check_loss, check_targets, logit_grad
-from ..hooks import check_per_example, frozen_buffers, kept_attributes, unfused_attention
+from ..hooks import (
+    check_per_example,
+    frozen_buffers,
+    kept_attributes,
+    unfused_attention,
+    unwrap,
+)
 from ..logit_terms import check_head, per_example_loss
 from ..perturb import check_rho_m, epsilon, group_slices, perturbed
 from ..plan import exact_plan
@@ -61,10 +67,21 @@ class SAM:
     method : {"auto", "fast", "exact"}
         For ``m = 1``: ``"fast"`` uses the per-layer outer-product identity (no per-example
         parameter copies), ``"exact"`` the torch.func vmap over per-example parameters, ``"auto"``
-        the fast path wherever it is exact (no tied weights, not adaptive).
+        the fast path wherever it is proven exact for the model.
+    sync_epsilon : {"replica", "global"}
+        Under ``DistributedDataParallel`` with ``m=None``: ``"replica"`` (default, as the
+        original SAM implementation) gives every rank its own ε from its shard — m-sharpness
+        with ``m`` = the local batch; ``"global"`` all-reduces the first gradient so all ranks
+        share the ε of the global batch. Per-example (``m = 1``) and group ε are local by
+        definition and unaffected.
 
     Notes
     -----
+    Under ``DistributedDataParallel`` (wrap the model as usual and pass the wrapper) every
+    per-example pass runs on the wrapped module without gradient synchronisation (the
+    ``no_sync`` of the first pass), and only the final update ``(1/B) Σ_i g_i`` is all-reduced
+    (averaged over ranks), once per step. The returned loss is the local shard's mean.
+
     With ``m`` smaller than the batch, BatchNorm in train mode would make each example's
     gradient depend on the others: that raises ``ValueError`` (use GroupNorm/LayerNorm, as the
     SAM label-noise paper did, or put BatchNorm in eval mode).
@@ -72,8 +89,11 @@ class SAM:
 
     def __init__(self, model: nn.Module, base_optimizer: torch.optim.Optimizer, rho: float = 0.05,
                  m: int | None = None, variant: str = "sam", adaptive: bool = False, *,
-                 loss_fn=None, output_fn=None, method: str = "auto"):
+                 loss_fn=None, output_fn=None, method: str = "auto",
+                 sync_epsilon: str = "replica"):
         check_rho_m(rho, m)
+        if sync_epsilon not in ("replica", "global"):
+            raise ValueError(f"sync_epsilon must be 'replica' or 'global', got {sync_epsilon!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if method not in ("auto", "fast", "exact"):
@@ -86,7 +106,10 @@ class SAM:
         own = {id(p) for p in model.parameters()}
         if any(id(p) not in own for g in base_optimizer.param_groups for p in g["params"]):
             raise ValueError("base_optimizer holds parameters that are not the model's")
+        self.ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        model = unwrap(model)
         self.model, self.base_optimizer = model, base_optimizer
+        self.sync_epsilon = sync_epsilon
         self.rho, self.m, self.variant, self.adaptive = float(rho), m, variant, adaptive
         self.loss_fn = loss_fn or per_example_loss
         self.output_fn, self.method = output_fn, method
@@ -128,6 +151,8 @@ class SAM:
         if self.m is not None and self.m < inputs.shape[0]:
             check_per_example(self.model)
         grads, loss = self.gradient(inputs, targets)
+        if self.ddp is not None:
+            grads = self._all_mean(grads)
         for n, p in self._params().items():
             p.grad = grads[n].to(p.dtype)
         self.base_optimizer.step()
@@ -140,6 +165,21 @@ class SAM:
                 return self.engine.attempt(
                     inputs, lambda plan: self._per_example(plan, inputs, targets))
             return self._groups(inputs, targets)
+
+    def _all_mean(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The mean over ranks of a gradient dict (one flat all-reduce)."""
+        import torch.distributed as dist
+
+        names = list(grads)
+        flat = torch.cat([grads[n].reshape(-1) for n in names])
+        dist.all_reduce(flat, group=self.ddp.process_group)
+        flat /= dist.get_world_size(self.ddp.process_group)
+        out, i = {}, 0
+        for n in names:
+            k = grads[n].numel()
+            out[n] = flat[i:i + k].view_as(grads[n])
+            i += k
+        return out
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         if self.loss_fn is per_example_loss:
@@ -187,8 +227,10 @@ class SAM:
                 loss = self._loss(at_w.logits, yg)
                 losses.append(loss.detach())
                 delta = logit_grad(self.loss_fn, at_w.logits, yg)
-                eps = epsilon(at_w.grad(delta / (s.stop - s.start)), self.rho, params,
-                              self.adaptive)
+                g_w = at_w.grad(delta / (s.stop - s.start))
+                if self.m is None and self.ddp is not None and self.sync_epsilon == "global":
+                    g_w = self._all_mean(g_w)  # the global batch's ε
+                eps = epsilon(g_w, self.rho, params, self.adaptive)
                 with frozen_buffers(self.model):
                     with perturbed(self.model, eps):
                         at_eps = engine.run(plan, xg, graph=self.variant != "lsam")
