@@ -26,16 +26,28 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Call", "Entry", "Rule", "Accumulator", "MaterializedAccumulator", "register_rule",
-           "rule_for", "RULES", "sumsq", "CHUNK_ELEMENTS"]
+           "rule_for", "RULES", "sumsq", "gram_sum", "acc_dtype", "CHUNK_ELEMENTS"]
 
 #: Per-example gradients are materialized in chunks of at most this many elements
 #: (256 MiB in float32), so a large layer never costs K × B × its parameters at once.
 CHUNK_ELEMENTS = 2**26
 
 
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Norms accumulate in float32 or better (bf16/fp16 under autocast)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def sumsq(x: Tensor, dim) -> Tensor:
-    """``Σ x²`` over ``dim`` as one fused reduction (no squared copy of ``x``)."""
-    return torch.linalg.vector_norm(x, dim=dim).square()
+    """``Σ x²`` over ``dim`` as one fused reduction (no squared copy of ``x``), accumulated in
+    float32 or better."""
+    return torch.linalg.vector_norm(x, dim=dim, dtype=acc_dtype(x)).square()
+
+
+def gram_sum(a: Tensor, b: Tensor, dim) -> Tensor:
+    """``Σ a ⊙ b`` over ``dim`` (two Gram matrices), accumulated in float32 or better."""
+    t = acc_dtype(a)
+    return (a.to(t) * b.to(t)).sum(dim=dim)
 
 
 @dataclass

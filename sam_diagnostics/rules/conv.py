@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Accumulator, Call, Entry, Rule, register_rule, sumsq
+from .base import Accumulator, Call, Entry, Rule, gram_sum, register_rule, sumsq
 
 
 def conv_input(module, x: Tensor) -> tuple[Tensor, tuple]:
@@ -86,7 +86,7 @@ class _ConvAcc(Accumulator):
 
     def result(self):
         if self.gram:
-            self.total["weight"] = (self.gp * self.gb).sum(dim=(1, 2, 3))
+            self.total["weight"] = gram_sum(self.gp, self.gb, (1, 2, 3))
         return self.total
 
     def offsets(self, scale):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Accumulator, Call, Entry, Rule, register_rule
+from .base import Accumulator, Call, Entry, Rule, gram_sum, register_rule
 
 
 def _cat_idx(calls) -> Tensor:
@@ -48,7 +48,7 @@ class _EmbeddingAcc(Accumulator):
         if "weight" not in self.entry.params:
             return {}
         mask = (self.idx[:, :, None] == self.idx[:, None, :]).to(self.bb.dtype)
-        return {"weight": (mask * self.bb).sum(dim=(1, 2))}
+        return {"weight": gram_sum(mask, self.bb, (1, 2))}
 
     def offsets(self, scale):
         return self.idx, self.last * scale.reshape(-1, 1, 1).to(self.last.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Accumulator, Call, Entry, Rule, register_rule, sumsq
+from .base import Accumulator, Call, Entry, Rule, gram_sum, register_rule, sumsq
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -67,7 +67,7 @@ class _LinearAcc(Accumulator):
             if S == 1:
                 out["weight"] = self.a2 * self.b2
             elif self.gram:
-                out["weight"] = (self.ga * self.bb).sum(dim=(1, 2))
+                out["weight"] = gram_sum(self.ga, self.bb, (1, 2))
             else:
                 out["weight"] = self.gw
         if self.bias:
