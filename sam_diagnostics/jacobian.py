@@ -44,6 +44,16 @@ def _probe_generator() -> torch.Generator:
     return _PROBES["cpu"]
 
 
+def _cat(parts: list) -> tuple[Tensor, dict[str, Tensor]]:
+    """Concatenate ``(logits, {block: [b]})`` of consecutive chunks."""
+    if len(parts) == 1:
+        return parts[0]
+    blocks = {k for _, sq in parts for k in sq}
+    return torch.cat([z for z, _ in parts]), {
+        k: torch.cat([sq[k] if k in sq else z.new_zeros(z.shape[0]) for z, sq in parts])
+        for k in blocks}
+
+
 def _finish(sq: dict[str, Tensor], per_block: bool, logits: Tensor):
     if not torch.isfinite(logits).all():
         raise NonFiniteError("the model's logits contain NaN or Inf; the model has diverged")
@@ -102,17 +112,18 @@ def jacobian_norms(model: nn.Module, inputs: Tensor, method: str = "auto", *, ou
                     method="auto" if method == "hutchinson" else method)
     check_inputs(inputs, model)
 
-    def norms(plan):
-        p = engine.run(plan, inputs)
+    gen = generator if generator is not None else _probe_generator()
+
+    def norms(plan, s):
+        p = engine.run(plan, inputs[s])
         z = p.logits.detach()
         if method != "hutchinson":
             return z, p.sq_norms(one_hot_directions(z))
-        gen = generator if generator is not None else _probe_generator()
         v = torch.randint(0, 2, (num_probes, *z.shape), generator=gen)
         return z, p.sq_norms((2 * v - 1).to(z) / num_probes ** 0.5)
 
     with measuring(model):
-        logits, sq = engine.attempt(inputs, norms)
+        logits, sq = _cat(engine.per_chunk(inputs, norms))
     return _finish(sq, per_block, logits)
 
 
@@ -138,10 +149,10 @@ def grad_norms(model: nn.Module, inputs: Tensor, targets: Tensor, method: str = 
     check_inputs(inputs, model)
     check_targets(targets, inputs)
 
-    def norms(plan):
-        p = engine.run(plan, inputs)
-        return p.logits.detach(), p.sq_norms(logit_grad(loss_fn, p.logits, targets)[None])
+    def norms(plan, s):
+        p = engine.run(plan, inputs[s])
+        return p.logits.detach(), p.sq_norms(logit_grad(loss_fn, p.logits, targets[s])[None])
 
     with measuring(model):
-        logits, sq = engine.attempt(inputs, norms)
+        logits, sq = _cat(engine.per_chunk(inputs, norms))
     return _finish(sq, per_block, logits)

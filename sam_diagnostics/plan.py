@@ -16,7 +16,7 @@ and along which batch axis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -51,9 +51,9 @@ class Plan:
     block_of: dict[str, str]
     whole: bool = False
     reason: str | None = None
-    checked: set = field(default_factory=set)
+    example_size: int = 0  # the largest hooked output's elements per example (0: unknown)
 
-    def with_dims(self, dims: dict[str, list]) -> Plan:
+    def with_dims(self, dims: dict[str, list], example_size: int = 0) -> Plan:
         """The plan with the batch axes found by :func:`batch_axes`; rule entries whose calls
         are not batch-first become fallback entries along those axes."""
         entries = {}
@@ -63,7 +63,7 @@ class Plan:
                     ins[0] != 0 or out != 0 for ins, out in d):
                 e = _fallback_entry(name, e.module)
             entries[name] = Entry(e.name, e.module, e.rule, e.params, e.fn, e.loop, d)
-        return Plan(entries, self.block_of, self.whole, self.reason)
+        return Plan(entries, self.block_of, self.whole, self.reason, example_size)
 
 
 def _loop(module: nn.Module) -> bool:
@@ -150,8 +150,9 @@ def _axis(s2: torch.Size | None, s3: torch.Size | None):
     return diff[0]
 
 
-def batch_axes(model: nn.Module, plan: Plan, inputs: Tensor, call_model) -> dict[str, list]:
-    """``{entry: [(in_dims, out_dim) per call]}`` from two small forwards (2 and 3 examples).
+def batch_axes(model: nn.Module, plan: Plan, inputs: Tensor, call_model):
+    """``({entry: [(in_dims, out_dim) per call]}, the largest hooked output's elements per
+    example)`` from two small forwards (2 and 3 examples).
 
     Raises :class:`NotFastError` when an entry's calls differ between the two forwards or a
     tensor's batch axis cannot be established.
@@ -178,6 +179,7 @@ def batch_axes(model: nn.Module, plan: Plan, inputs: Tensor, call_model) -> dict
                 h.remove()
             handles.clear()
     out: dict[str, list] = {}
+    size = 1
     for name in plan.entries:
         c2, c3 = shapes[2][name], shapes[3][name]
         if len(c2) != len(c3):
@@ -191,8 +193,9 @@ def batch_axes(model: nn.Module, plan: Plan, inputs: Tensor, call_model) -> dict
             if out_dim is None:
                 raise NotFastError(f"the output of module {name!r} has no batch dimension")
             dims.append((tuple(_axis(a, b) for a, b in zip(i2, i3)), out_dim))
+            size = max(size, o3.numel() - o2.numel())
         out[name] = dims
-    return out
+    return out, size
 
 
 def record_call(entry: Entry, index: int, args, kwargs, out) -> Call:

@@ -161,8 +161,10 @@ class Probe:
             head = self.head or find_head(model, inputs, self.output_fn)
             self.head = head
             watch = resolve_layers(model, self.layers or [head])
-            sgd, sam = engine.attempt(inputs, lambda plan: self._both_views(
-                engine, plan, inputs, targets, rho, m, adaptive, watch))
+            parts = engine.per_chunk(inputs, lambda plan, s: self._both_views(
+                engine, plan, inputs[s], targets[s], rho, m, adaptive, watch),
+                multiple=B if m is None else m)
+            sgd, sam = (_cat_views([p[k] for p in parts]) for k in (0, 1))
             wn = weight_norms(model)
         return self._dataset(sgd, sam, targets, wn, head, list(watch), rho, m, B,
                              example_ids, is_noisy, true_labels)
@@ -222,6 +224,8 @@ class Probe:
 
 
 def _cat_views(parts: list[_View]) -> _View:
+    if len(parts) == 1:
+        return parts[0]
     keys = parts[0].jac_sq.keys()
     return _View(
         torch.cat([p.logits for p in parts]),

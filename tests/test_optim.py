@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -301,3 +302,23 @@ def test_adamw_base_and_scheduler_work_unchanged():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(opt.base_optimizer.state[a]["exp_avg_sq"],
                                    base.state[b]["exp_avg_sq"], rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["cnn2d", "sequence"])
+def test_chunked_passes_give_the_same_numbers(name, monkeypatch):
+    """Passes run on chunks of examples under a memory budget: exact (examples independent)."""
+    from sam_diagnostics import engine
+
+    model, x, y = make({p.name: p for p in PROBLEMS}[name], batch=7)
+    whole = (sd.jacobian_norms(model, x), sd.Probe(model).measure(x, y, rho=0.1),
+             sd.SAM(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.1, 1).gradient(x, y))
+    monkeypatch.setitem(engine.CHUNK_ELEMENTS, "cpu", 1)  # one example per chunk
+    assert len(sd.Engine(model).chunks(sd.Engine(model).plan(x), 7)) == 7
+    torch.testing.assert_close(sd.jacobian_norms(model, x), whole[0])
+    ds = sd.Probe(model).measure(x, y, rho=0.1)
+    for v in ds.data_vars:
+        np.testing.assert_allclose(ds[v].values, whole[1][v].values, rtol=1e-12, atol=1e-14)
+    g, loss = sd.SAM(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.1, 1).gradient(x, y)
+    torch.testing.assert_close(loss, whole[2][1])
+    for n in g:
+        torch.testing.assert_close(g[n], whole[2][0][n])

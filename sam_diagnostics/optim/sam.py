@@ -161,10 +161,14 @@ class SAM:
     def gradient(self, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """The variant's mean gradient ``(1/B) Σ_i g_i`` per parameter and the mean loss at w."""
         with kept_attributes(self.model), unfused_attention():
-            if self.m == 1 or inputs.shape[0] == 1:
-                return self.engine.attempt(
-                    inputs, lambda plan: self._per_example(plan, inputs, targets))
-            return self._groups(inputs, targets)
+            if self.m != 1 and inputs.shape[0] > 1:
+                return self._groups(inputs, targets)
+            parts = self.engine.per_chunk(  # the update is a mean: exact in chunks
+                inputs, lambda plan, s: (s.stop - s.start, *self._per_example(
+                    plan, inputs[s], targets[s])))
+        B = inputs.shape[0]
+        grads = {n: sum(k * g[n] for k, g, _ in parts) / B for n in parts[0][1]}
+        return grads, sum(k * loss for k, _, loss in parts) / B
 
     def _all_mean(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         """The mean over ranks of a gradient dict (one flat all-reduce)."""
