@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "runs, sweep optimizers x seeds, summarize and plot them.",
         epilog="Run 'sam-diagnostics COMMAND --help' for the options of a command.",
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")

@@ -17,7 +17,7 @@ import torch
 import xarray as xr
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
 from .data import NoisyDataset, probe_subset
 from .hooks import measuring
 from .jacobian import model_logits
