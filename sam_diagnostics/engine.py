@@ -56,7 +56,7 @@ def check_inputs(inputs, model: nn.Module | None = None) -> None:
     if inputs.is_floating_point() and not torch.isfinite(inputs).all():
         raise ValueError("inputs contain NaN or Inf; clean the data before measuring")
     if torch.is_inference_mode_enabled():
-        raise RuntimeError("called inside torch.inference_mode(): per-example gradients need "
+        raise ValueError("called inside torch.inference_mode(): per-example gradients need "
                            "autograd; call it outside the inference_mode block")
     p = _model_tensor(model) if model is not None else None
     if p is not None:

@@ -82,7 +82,7 @@ def check_head(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
             f"targets must lie in [0, {num_classes}) for logits with {num_classes} classes, got "
             f"min {int(targets.min())}, max {int(targets.max())}"
         )
-    return logits, targets
+    return logits, targets.long()  # any integer dtype (int32 from numpy, uint8 ...)
 
 
 def per_example_loss(logits: Tensor, targets: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
 """Measuring never changes the model; bad input gets a clear error naming the fix."""
 
+import copy
+
 import pytest
 import torch
 from problems import PROBLEMS, make
@@ -270,3 +272,80 @@ def test_probe_watching_a_layer_without_a_rule():
     ref = sd.Probe(net, layers=["1", "2"], method="exact").measure(x, y, rho=0.1, m=1)
     torch.testing.assert_close(torch.as_tensor(ds["activation_norm"].values),
                                torch.as_tensor(ref["activation_norm"].values))
+
+
+def _state(model, opt=None):
+    return ([p.detach().clone() for p in model.parameters()],
+            None if opt is None else copy.deepcopy(opt.state_dict()))
+
+
+MISUSE = [
+    ("dtype mismatch", lambda net, opt: sd.jacobian_norms(net, X.double()), TypeError,
+     "float64 but the model's parameters are torch.float32"),
+    ("dtype mismatch in SAM", lambda net, opt: opt.step(X.double(), Y), TypeError, "float64"),
+    ("inference mode", lambda net, opt: _in_inference(lambda: sd.Probe(net).measure(X, Y)),
+     ValueError, "inference_mode"),
+    ("rho inf", lambda net, opt: sd.SAM(net, opt.base_optimizer, rho=float("inf")), ValueError,
+     "finite"),
+    ("probe of a non-module", lambda net, opt: sd.Probe(object()), TypeError, "nn.Module"),
+    ("two-call with m=1", lambda net, opt: _two_call(net, sd.SAM(net, opt.base_optimizer, m=1)),
+     ValueError, "two-call API"),
+    ("first_step twice", lambda net, opt: _first_twice(net, opt), RuntimeError, "twice"),
+]
+
+
+def _in_inference(fn):
+    with torch.inference_mode():
+        return fn()
+
+
+def _two_call(net, opt):
+    torch.nn.functional.cross_entropy(net(X), Y).backward()
+    opt.first_step()
+
+
+def _first_twice(net, opt):
+    two = sd.SAM(net, opt.base_optimizer, rho=0.1, m=None)
+    torch.nn.functional.cross_entropy(net(X), Y).backward()
+    two.first_step()
+    try:
+        two.first_step()
+    finally:
+        two.second_step()  # w restored exactly
+
+
+@pytest.mark.parametrize("case", MISUSE, ids=[c[0] for c in MISUSE])
+def test_misuse_gets_a_library_error_and_changes_nothing(case):
+    _, call, exc, match = case
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    opt = sd.SAM(net, torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9), 0.1, 1)
+    before = _state(net, opt.base_optimizer)
+    with pytest.raises(exc, match=match):
+        call(net, opt)
+    after = _state(net, opt.base_optimizer)
+    for a, b in zip(before[0], after[0]):
+        assert torch.equal(a, b)
+    if case[0] != "first_step twice":  # that case finishes with second_step (lr = 0)
+        assert before[1] == after[1]
+
+
+def test_int32_targets_are_accepted():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    a = sd.grad_norms(net, X, Y)
+    torch.testing.assert_close(sd.grad_norms(net, X, Y.int()), a)
+    sd.SAM(net, torch.optim.SGD(net.parameters(), lr=0.1), 0.1, 1).step(X, Y.int())
+
+
+def test_hutchinson_draws_fresh_probes_unless_given_a_generator():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    rng = torch.get_rng_state()
+    a = sd.jacobian_norms(net, X, "hutchinson")
+    b = sd.jacobian_norms(net, X, "hutchinson")
+    assert not torch.equal(a, b)  # averaging calls gains information
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is untouched
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(sd.jacobian_norms(net, X, "hutchinson", generator=g1),
+                               sd.jacobian_norms(net, X, "hutchinson", generator=g2))
