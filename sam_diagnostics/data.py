@@ -28,10 +28,11 @@ from __future__ import annotations
 import functools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,10 @@ __all__ = [
     "inject_label_noise",
     "load_dataset",
     "probe_subset",
+    "register_source",
+    "unregister_source",
+    "dataset_names",
+    "as_noisy_dataset",
 ]
 
 #: Names accepted by :func:`load_dataset`.
@@ -277,9 +282,54 @@ class Splits:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: each returns (x_train, y_train, ids_train, x_test, y_test, ids_test, num_classes)
-# with float32 inputs already normalized using training-pool statistics.
+# Sources: a registry of functions ``source(n_samples, data_dir)`` that return
+# (x_train, y_train, ids_train, x_test, y_test, ids_test, num_classes) with float inputs already
+# normalized using training-pool statistics. Adding a data set = one function + @register_source.
 # --------------------------------------------------------------------------------------------
+
+Source = Callable[[int | None, str | PathLike | None], tuple]
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str) -> Callable[[Source], Source]:
+    """Register a data source under ``name`` for :func:`load_dataset` (a decorator).
+
+    The function takes ``(n_samples, data_dir)`` and returns ``(x_train, y_train, ids_train,
+    x_test, y_test, ids_test, num_classes)``: normalized float arrays, integer labels and stable
+    integer ids (training rows first). Raise ``ValueError`` for sizes or files it cannot give.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> @register_source("tiny")
+    ... def _tiny(n_samples, data_dir):
+    ...     x = np.eye(4)
+    ...     return x, np.array([0, 1, 0, 1]), np.arange(4), x, np.array([0, 1, 0, 1]), \\
+    ...         4 + np.arange(4), 2
+    >>> len(load_dataset("tiny", noise=0.0, val_fraction=0.0).train)
+    4
+    >>> unregister_source("tiny")
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a source name must be a non-empty string, got {name!r}")
+
+    def decorate(fn: Source) -> Source:
+        if not callable(fn):
+            raise TypeError(f"a source must be callable, got {type(fn).__name__}")
+        _SOURCES[name] = fn
+        return fn
+
+    return decorate
+
+
+def unregister_source(name: str) -> None:
+    """Remove a source added by :func:`register_source` (built-ins too; use with care)."""
+    _SOURCES.pop(name, None)
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Names :func:`load_dataset` accepts now (the built-ins plus registered sources)."""
+    return tuple(_SOURCES)
 
 
 def _checked_size(n_samples: int) -> int:
@@ -296,7 +346,8 @@ def _take(n_samples: int | None, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(a[:n] for a in arrays)
 
 
-def _digits(n_samples: int | None):
+@register_source("digits")
+def _digits(n_samples: int | None, data_dir=None):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -340,7 +391,8 @@ def _mnist1d_raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return arrays
 
 
-def _mnist1d(n_samples: int | None):
+@register_source("mnist1d")
+def _mnist1d(n_samples: int | None, data_dir=None):
     x_tr, y_tr, x_te, y_te = _mnist1d_raw()
     id_tr = np.arange(len(y_tr))
     id_te = len(y_tr) + np.arange(len(y_te))
@@ -350,7 +402,8 @@ def _mnist1d(n_samples: int | None):
     return (x_tr - mean) / scale, y_tr, id_tr, (x_te - mean) / scale, y_te, id_te, 10
 
 
-def _gaussian(n_samples: int | None):
+@register_source("gaussian")
+def _gaussian(n_samples: int | None, data_dir=None):
     n_train = GAUSSIAN_TRAIN_SIZE if n_samples is None else _checked_size(n_samples)
     mu = np.full(GAUSSIAN_DIM, GAUSSIAN_MEAN_NORM / math.sqrt(GAUSSIAN_DIM))
 
@@ -399,6 +452,7 @@ def _read_cifar10_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return records[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
+@register_source("cifar10")
 def _cifar10(n_samples: int | None, data_dir: str | PathLike | None):
     root = _cifar10_dir(data_dir)
     parts = [_read_cifar10_file(root / f) for f in CIFAR10_TRAIN_FILES]
@@ -482,8 +536,8 @@ def load_dataset(
     >>> float(splits.train.noise_rate)
     0.2
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name not in _SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(_SOURCES)}")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)):
@@ -492,15 +546,7 @@ def load_dataset(
         raise ValueError(f"noise (the label-noise rate) must be in [0, 1), got {noise!r}")
     if noise_mode not in NOISE_MODES:
         raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-
-    if name == "digits":
-        source = _digits(n_samples)
-    elif name == "mnist1d":
-        source = _mnist1d(n_samples)
-    elif name == "gaussian":
-        source = _gaussian(n_samples)
-    else:
-        source = _cifar10(n_samples, data_dir)
+    source = _SOURCES[name](n_samples, data_dir)
     x_pool, y_pool, id_pool, x_test, y_test, id_test, num_classes = source
 
     observed, is_noisy = inject_label_noise(y_pool, num_classes, noise, mode=noise_mode, seed=seed)
@@ -603,3 +649,103 @@ def probe_subset(dataset: NoisyDataset, size: int, *, seed: int = 0) -> np.ndarr
         if quota[s]
     ]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Any map-style data set as a NoisyDataset
+# --------------------------------------------------------------------------------------------
+
+
+def _mask(value: Any, n: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(value)).reshape(-1)
+    if tensor.shape[0] != n:
+        raise ValueError(f"{name} has {tensor.shape[0]} entries but the data set has {n}")
+    if dtype == torch.bool and tensor.dtype != torch.bool:
+        raise TypeError(f"{name} must be a boolean mask, got dtype {tensor.dtype}")
+    return tensor.to(dtype)
+
+
+def as_noisy_dataset(
+    dataset: Any,
+    *,
+    is_noisy: Any = None,
+    true_labels: Any = None,
+    name: str = "dataset",
+) -> NoisyDataset:
+    """Any map-style data set of ``(x, y)`` or ``(x, y, id)`` items as a :class:`NoisyDataset`.
+
+    Parameters
+    ----------
+    dataset : NoisyDataset or map-style dataset
+        ``len(dataset)`` and ``dataset[i]`` giving ``(x, y)`` or ``(x, y, id)`` (tensors,
+        arrays or numbers; e.g. ``torch.utils.data.TensorDataset``). A ``NoisyDataset`` is
+        returned as it is (unless masks are given). Items are read once and stacked in memory.
+    is_noisy : array of bool, optional
+        Which labels are noisy (also read from a ``dataset.is_noisy`` attribute). Absent:
+        all ``False`` (no example is known to be noisy).
+    true_labels : array of int, optional
+        The clean labels (also read from ``dataset.true_labels``). Absent: ``-1`` (unknown).
+    name : str
+        Used in error messages.
+
+    Returns
+    -------
+    NoisyDataset
+        ``example_ids`` from the items' ids, else the positions ``0..N-1``; ``num_classes``
+        from the data set's ``num_classes`` attribute, else ``max(label) + 1`` (at least 2).
+
+    Raises
+    ------
+    TypeError
+        Not a map-style data set, or items that are not ``(x, y[, id])``.
+    ValueError
+        An empty data set, masks of the wrong length, inputs of different shapes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> ds = as_noisy_dataset(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1])))
+    >>> ds.example_ids.tolist(), ds.true_labels.tolist(), ds.is_noisy.tolist()
+    ([0, 1, 2], [-1, -1, -1], [False, False, False])
+    """
+    if isinstance(dataset, NoisyDataset) and is_noisy is None and true_labels is None:
+        return dataset
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(f"{name} must be a map-style data set (with len() and [i]) of "
+                        f"(x, y) or (x, y, id) items, got {type(dataset).__name__}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{name} is empty")
+    if isinstance(dataset, NoisyDataset):
+        inputs, labels, ids = dataset.inputs, dataset.labels, dataset.example_ids
+    else:
+        xs, ys, id_list = [], [], []
+        for i in range(n):
+            item = dataset[i]
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise TypeError(f"{name}[{i}] must be an (x, y) or (x, y, id) tuple, got "
+                                f"{type(item).__name__}"
+                                + (f" of length {len(item)}" if isinstance(item, (tuple, list))
+                                   else ""))
+            xs.append(torch.as_tensor(np.asarray(item[0]) if not isinstance(
+                item[0], torch.Tensor) else item[0]).detach().cpu())
+            ys.append(int(torch.as_tensor(item[1]).reshape(())))
+            id_list.append(int(torch.as_tensor(item[2]).reshape(())) if len(item) == 3 else i)
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) != 1:
+            raise ValueError(f"{name} has inputs of different shapes: {sorted(shapes)[:3]}")
+        inputs = torch.stack(xs).float()
+        labels, ids = torch.tensor(ys), torch.tensor(id_list)
+        if len(set(id_list)) != n:
+            raise ValueError(f"{name} has repeated example ids; ids must be unique")
+    if is_noisy is None:
+        is_noisy = getattr(dataset, "is_noisy", None)
+    if true_labels is None:
+        true_labels = getattr(dataset, "true_labels", None)
+    noisy = (torch.zeros(n, dtype=torch.bool) if is_noisy is None
+             else _mask(is_noisy, n, "is_noisy", torch.bool))
+    true = (torch.full((n,), -1, dtype=torch.int64) if true_labels is None
+            else _mask(true_labels, n, "true_labels", torch.int64))
+    num_classes = getattr(dataset, "num_classes", None) or max(2, int(labels.max()) + 1)
+    return NoisyDataset(inputs, labels, true, noisy, ids, num_classes=num_classes)

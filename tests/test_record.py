@@ -12,7 +12,9 @@ import zarr
 from sam_diagnostics.data import load_dataset
 from sam_diagnostics.models import build_model
 from sam_diagnostics.record import Recorder
-from sam_diagnostics.store import CONFIG_KEYS, RunStore, merge_runs, open_run, to_netcdf
+from sam_diagnostics.runs import EmptyRunError, NotARunError, merge_runs, open_run, to_netcdf
+from sam_diagnostics.schema import CONFIG_KEYS
+from sam_diagnostics.store import RunStore
 from sam_diagnostics.summary import group_summary, summary_table
 
 PER_EXAMPLE = {
@@ -144,9 +146,10 @@ def test_buffered_appends_and_chunking(splits, tmp_path):
         rec.step()
         rec.epoch_end()
 
-    assert not path.exists()  # step 0 is buffered
+    with pytest.raises(EmptyRunError, match="no finished step"):  # step 0 is buffered
+        open_run(path)
     epoch()
-    assert not path.exists()
+    assert rec.store.steps_written == 0
     epoch()  # third record: one append
     assert rec.store.steps_written == 3
     assert open_run(path).sizes["step"] == 3
@@ -224,7 +227,7 @@ def test_open_run_never_unpickles(tmp_path):
     with pytest.raises(FileNotFoundError):
         open_run(tmp_path / "missing.zarr")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a zarr store"):
+    with pytest.raises(NotARunError, match="empty folder"):
         open_run(tmp_path / "folder")
 
 
