@@ -322,6 +322,11 @@ def _readable(runs: list[Path]) -> list[Path]:
 def _cmd_summary(args: argparse.Namespace) -> int:
     from .summary import format_summary, summary_table
 
+    if args.csv:
+        csv = Path(args.csv).expanduser()
+        if csv.is_dir() or not csv.parent.is_dir():
+            raise _Fail(f"--csv {args.csv!r}: " + ("is a folder" if csv.is_dir()
+                                                   else "its folder does not exist"))
     runs = _readable(_collect(args.runs))
     try:
         table = summary_table(runs)
@@ -347,6 +352,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import MissingVariableError, plot_standard
     from .runs import merge_runs, open_run
 
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise _Fail(f"--out {args.out!r} exists and is not a folder")
     runs = _readable(_collect(args.runs))
     try:
         ds = open_run(runs[0], warn=False) if len(runs) == 1 else merge_runs(runs)

@@ -141,27 +141,23 @@ def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> x
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"no run at {str(p)!r}")
-    try:
-        if p.is_file():
-            try:
-                ds = xr.open_dataset(p, engine=_netcdf_engine(), decode_times=False)
-            except ImportError:
-                raise
-            except Exception as err:
-                raise NotARunError(f"{str(p)!r} is not a run: not a netCDF file "
-                                   f"({type(err).__name__})") from None
-        elif not is_zarr_dir(p):
-            kind = "an empty folder" if not any(p.iterdir()) else "a folder but not a zarr store"
-            raise NotARunError(f"{str(p)!r} is not a run: it is {kind}")
-        else:
-            try:
-                ds = xr.open_zarr(p, consolidated=_has_consolidated(p), chunks=None,
-                                  decode_times=False)
-            except Exception as err:
-                raise NotARunError(f"{str(p)!r} is not a readable run store "
-                                   f"({type(err).__name__}: {err})") from None
-    except NotARunError:
-        raise
+    if p.is_file():
+        engine = _netcdf_engine()
+        try:
+            ds = xr.open_dataset(p, engine=engine, decode_times=False)
+        except Exception as err:
+            raise NotARunError(f"{str(p)!r} is not a run: not a netCDF file "
+                               f"({type(err).__name__})") from None
+    elif not is_zarr_dir(p):
+        kind = "an empty folder" if not any(p.iterdir()) else "a folder but not a zarr store"
+        raise NotARunError(f"{str(p)!r} is not a run: it is {kind}")
+    else:
+        try:
+            ds = xr.open_zarr(p, consolidated=_has_consolidated(p), chunks=None,
+                              decode_times=False)
+        except Exception as err:
+            raise NotARunError(f"{str(p)!r} is not a readable run store "
+                               f"({type(err).__name__}: {err})") from None
     try:
         schema_version(ds.attrs)
     except NotARunError as err:
@@ -203,8 +199,9 @@ class Validation:
 
     def __str__(self) -> str:
         state = "complete" if self.complete else "incomplete"
-        head = (f"{self.path}: {'ok' if self.ok else 'INVALID'} "
-                f"({self.steps} steps, {state})")
+        head = f"{self.path}: {'ok' if self.ok else 'INVALID'}"
+        if self.steps:
+            head += f" ({self.steps} steps, {state})"
         return "\n".join([head, *(f"  problem: {p}" for p in self.problems),
                           *(f"  note: {n}" for n in self.notes)])
 
@@ -301,12 +298,17 @@ def validate_run(path: str | PathLike | xr.Dataset) -> Validation:
 def find_runs(path: str | PathLike) -> list[Path]:
     """The runs at ``path``: itself if it is a run, else the zarr stores and netCDF files in it.
 
-    Hidden entries (``.*``, e.g. a store being created) are skipped.
+    ``path`` itself counts as a run when it is a file, a zarr store or a ``*.zarr`` folder
+    (then :func:`open_run` says what is wrong with it). Hidden entries (``.*``, e.g. a store
+    being created) are skipped.
+
+    >>> find_runs("runs/")  # doctest: +SKIP
+    [PosixPath('runs/sam-rho0.05-m1-seed0.zarr'), PosixPath('runs/sgd-seed0.zarr')]
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"no run or folder at {str(p)!r}")
-    if p.is_file() or is_zarr_dir(p):
+    if p.is_file() or is_zarr_dir(p) or p.suffix == ".zarr":
         return [p]
     runs = sorted(c for c in p.iterdir() if not c.name.startswith(".") and (
         is_zarr_dir(c) or c.is_file() and c.suffix in NETCDF_SUFFIXES))

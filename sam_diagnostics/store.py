@@ -338,10 +338,16 @@ class RunStore:
                                   "or overwrite it")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
+            self._lock = WriterLock(self.path)
+        except StoreLockedError:
+            raise
+        except FileExistsError:  # a file where a folder should be
             raise NotADirectoryError(f"cannot create {str(self.path)!r}: "
                                      f"{str(self.path.parent)!r} is not a folder") from None
-        self._lock = WriterLock(self.path)
+        except OSError as err:
+            where = f"{err.filename!r}: " if err.filename else ""
+            raise type(err)(err.errno, f"cannot create {str(self.path)!r}: {where}"
+                            f"{(err.strerror or str(err)).lower()}") from None
         try:
             if self.path.exists():
                 if not overwrite:

@@ -329,3 +329,67 @@ def test_probe_slices_and_divergence(splits):
         ds = rec.record()  # a diverged model is recorded as NaN, training is not stopped
     assert np.isnan(ds["loss"].values).all()
     assert float(ds["test_accuracy"][0]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11: any map-style data set; bad inputs raise before anything is created or changed
+# --------------------------------------------------------------------------------------------
+
+
+def test_recorder_takes_plain_tensor_datasets(splits, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    model = build_model("mlp", splits.input_shape, splits.num_classes, width=16, seed=0)
+    x, y = splits.train.inputs, splits.train.labels
+    plain = TensorDataset(x, y)  # (x, y) items: ids are positions, no noise information
+    rec = Recorder(model, tmp_path / "plain.zarr", probe=12, train=plain,
+                   test=TensorDataset(splits.test.inputs, splits.test.labels))
+    rec.close()
+    ds = open_run(tmp_path / "plain.zarr")
+    assert ds.sizes["example"] == 12 and set(ds["example"].values) <= set(range(len(y)))
+    assert not ds["is_noisy"].values.any() and (ds["true_label"].values == -1).all()
+    assert "clean_train_accuracy" not in ds and "noisy_train_accuracy" not in ds
+    assert np.isfinite(ds["train_accuracy"].values).all()
+    ids = splits.train.example_ids
+    with_ids = TensorDataset(x, y, ids)  # (x, y, id) items plus the masks as arguments
+    rec = Recorder(model, None, probe=12, train=with_ids, noise_mask=splits.train.is_noisy,
+                   true_labels=splits.train.true_labels)
+    ds = rec.dataset()
+    assert set(ds["example"].values) <= set(ids.tolist())
+    assert ds["is_noisy"].values.any() and (ds["true_label"].values >= 0).all()
+    assert np.isfinite(ds["noisy_train_accuracy"].values).all()
+    # the same probe set as with the NoisyDataset itself
+    same = Recorder(model, None, probe=12, train=splits.train).dataset()
+    np.testing.assert_array_equal(ds["example"].values, same["example"].values)
+    np.testing.assert_array_equal(ds["loss"].values, same["loss"].values)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(model="not a model"), TypeError, "torch.nn.Module"),
+    (dict(probe=0), ValueError, "probe size"),
+    (dict(probe=-3), ValueError, "probe size"),
+    (dict(probe=None), TypeError, "probe"),
+    (dict(train=[1, 2, 3]), TypeError, r"\(x, y\)"),
+    (dict(train=object()), TypeError, "map-style"),
+    (dict(m=-1), ValueError, "m must be"),
+    (dict(m=1.5), ValueError, "m must be"),
+    (dict(rho=float("inf")), ValueError, "rho"),
+    (dict(every_steps=1.5), ValueError, "every_steps"),
+    (dict(eval_batch_size=0), ValueError, "eval_batch_size"),
+    (dict(config=[("rho", 1)]), TypeError, "config"),
+    (dict(out=3), TypeError, "out must be"),
+    (dict(noise_mask=[True]), ValueError, "noise_mask|is_noisy"),
+])
+def test_bad_recorder_inputs_raise_before_any_state_change(splits, tmp_path, kwargs, error,
+                                                           match):
+    model = build_model("mlp", splits.input_shape, splits.num_classes, width=16, seed=0)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    args = dict(model=model, out=tmp_path / "run.zarr", probe=8, train=splits.train)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        Recorder(args.pop("model"), args.pop("out"), **args)
+    assert list(tmp_path.iterdir()) == []  # no store, no lock
+    assert model.training and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -178,7 +178,7 @@ def test_two_writer_processes_and_overwrite_during_a_live_write(tmp_path):
 
 @pytest.mark.parametrize("out, match", [
     ("FILE/run.zarr", "not a folder"),
-    ("FILE/sub/run.zarr", "Not a directory"),
+    ("FILE/sub/run.zarr", "not a directory"),
     ("FILE", "already exists"),
 ])
 def test_unwritable_out_exits_2_with_one_line_before_training(tmp_path, out, match):
