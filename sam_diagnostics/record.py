@@ -26,7 +26,7 @@ from .jacobian import model_logits
 from .logit_terms import is_binary, per_example_loss
 from .probe import Probe
 from .runs import open_run
-from .schema import CONVENTIONS, CURVES, SCHEMA_VERSION, describe, m_from_disk, m_to_disk
+from .schema import CURVES, RUN_ATTRS, describe, m_from_disk, m_to_disk
 from .store import RunStore, clean_attrs
 
 __all__ = ["Recorder"]
@@ -250,8 +250,7 @@ class Recorder:
 
         self.attrs = clean_attrs({
             **config,
-            "schema_version": SCHEMA_VERSION,
-            "Conventions": CONVENTIONS,
+            **RUN_ATTRS,
             "sam_diagnostics_version": __version__,
             "probe_rho": self.rho,
             "probe_m": m_to_disk(self.m),

@@ -35,6 +35,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SUPPORTED_VERSIONS",
     "CONVENTIONS",
+    "RUN_ATTRS",
     "Entry",
     "DIMS",
     "COORDS",
@@ -62,6 +63,14 @@ SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (0, 1)
 
 CONVENTIONS = "CF-1.10"
+
+#: Global attributes every run carries (besides its configuration).
+RUN_ATTRS: dict[str, object] = {
+    "title": "per-example diagnostics of one training run (sam_diagnostics)",
+    "Conventions": CONVENTIONS,
+    "schema_version": SCHEMA_VERSION,
+    "references": "docs/schema.md of sam_diagnostics: what every variable means",
+}
 
 #: The two views of every per-example quantity: at ``w`` and at ``w + ε_i``.
 VIEWS: tuple[str, ...] = ("sgd", "sam")
@@ -264,7 +273,8 @@ def markdown() -> str:
         *(f"| `{name}` | {', '.join(e.dims)} | {e.units} | {e.long_name}: {e.description} |"
           for name, e in VARIABLES.items()),
         "",
-        "Attributes (scalars and strings only): `schema_version`, `Conventions`,",
+        "Attributes (scalars and strings only): `schema_version`, `Conventions`, `title`,",
+        "`references`,",
         "`sam_diagnostics_version`, `complete` (1 once the run finished, 0 while it is written or",
         "after it was killed: `open_run` then warns that the run is incomplete), `writer`",
         "(`pid@host` of the process that created it), the configuration",

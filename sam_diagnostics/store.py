@@ -50,7 +50,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .schema import CONVENTIONS, SCHEMA_VERSION
+from .schema import RUN_ATTRS
 
 __all__ = ["RunStore", "StoreLockedError", "WriterLock", "clean_attrs", "lock_path",
            "read_lock"]
@@ -112,14 +112,14 @@ def read_lock(path: str | PathLike) -> dict[str, Any] | None:
     """
     lp = lock_path(path)
     try:
-        fd = os.open(lp, os.O_RDWR)
+        fd = os.open(lp, os.O_RDONLY)
     except OSError:
         return None
     try:
         import fcntl
 
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # shared: readers never block each other, a writer's exclusive lock blocks us
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:  # held: read who holds it
             with open(lp) as f:
                 try:
@@ -365,7 +365,7 @@ class RunStore:
         """Write the empty store beside ``path``, then move it into place in one rename."""
         import zarr
 
-        self.attrs.update(schema_version=SCHEMA_VERSION, Conventions=CONVENTIONS,
+        self.attrs.update(**RUN_ATTRS,
                           sam_diagnostics_version=self.attrs.get("sam_diagnostics_version",
                                                                  __version__),
                           writer=f"{os.getpid()}@{socket.gethostname()}")

@@ -76,6 +76,11 @@ def summary_table(runs: xr.Dataset | str | PathLike | Iterable[str | PathLike]) 
 
     ``runs`` is a run, merged runs (with a ``run`` dimension), a path (a run or a folder of
     runs) or a list of paths. Accuracies are fractions in [0, 1].
+
+    Examples
+    --------
+    >>> table = summary_table("runs/")  # doctest: +SKIP
+    >>> table[["run", "best_test_acc", "best_epoch"]]  # doctest: +SKIP
     """
     rows = []
     if isinstance(runs, xr.Dataset):
@@ -107,6 +112,10 @@ def group_summary(table: pd.DataFrame) -> pd.DataFrame:
 
     Grouped by (dataset, model, noise_rate, optimizer, m, rho); columns ``n_seeds`` and
     ``<metric>_mean`` / ``<metric>_std`` (std with ``ddof=1``, NaN for one seed).
+
+    Examples
+    --------
+    >>> group_summary(summary_table("runs/"))["best_test_acc_mean"]  # doctest: +SKIP
     """
     metrics = [c for c in ("best_test_acc", "best_epoch", "final_test_acc",
                            "clean_train_acc_at_best", "noisy_train_acc_at_best",
@@ -152,6 +161,11 @@ def format_summary(table: pd.DataFrame) -> str:
     """The text of ``sam-diagnostics summary``: per run, then mean ± std over seeds.
 
     Accuracies are printed in percent. ``table`` is :func:`summary_table`'s result.
+
+    Examples
+    --------
+    >>> print(format_summary(summary_table("run.zarr")))  # doctest: +SKIP
+    Per run (accuracies in %; ...
     """
     has_val = "test_acc_at_best_val" in table
     rows = pd.DataFrame({

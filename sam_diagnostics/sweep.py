@@ -42,6 +42,13 @@ def plan_sweep(base: TrainConfig, out_dir: Path, optimizers: Sequence[str],
     """Every (configuration, store path) of the grid; each configuration validated.
 
     ``sgd`` and ``regsgd`` ignore rho and run once, at the first value.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> plan = plan_sweep(TrainConfig(), Path("runs"), ["sgd", "sam"], [0, 1], [0.05, 0.1])
+    >>> [path.name for _, path in plan][:3]
+    ['sgd-seed0.zarr', 'sgd-seed1.zarr', 'sam-rho0.05-m1-seed0.zarr']
     """
     plan = []
     for optimizer in optimizers:
@@ -83,7 +90,16 @@ def run_state(path: Path, cfg: TrainConfig) -> str:
 
 def pending_runs(plan: Iterable[tuple[TrainConfig, Path]], *, overwrite: bool = False,
                  echo: Callable[[str], None] = print) -> list[tuple[TrainConfig, Path]]:
-    """The runs of ``plan`` still to do (all of them with ``overwrite``, except running ones)."""
+    """The runs of ``plan`` still to do (all of them with ``overwrite``, except running ones).
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> import tempfile
+    >>> plan = plan_sweep(TrainConfig(), Path(tempfile.mkdtemp()), ["sgd"], [0], [0.05])
+    >>> len(pending_runs(plan))
+    1
+    """
     todo = []
     for cfg, path in plan:
         state = "running" if read_lock(path) is not None else (
@@ -125,6 +141,10 @@ def run_sweep(todo: Sequence[tuple[TrainConfig, Path]], *, jobs: int = 1,
 
     A run that fails (its store taken by another process meanwhile, a full disk, ...) is
     reported in one line and the others go on.
+
+    Examples
+    --------
+    >>> failed = run_sweep(pending_runs(plan), jobs=2, threads=1)  # doctest: +SKIP
     """
     failed: list[Path] = []
     expected = (ConfigError, OSError, ValueError)
