@@ -264,7 +264,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out_dir = Path(args.out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise _Fail(f"--out {str(out_dir)!r} exists and is not a folder")
-    plan = plan_sweep(_config_from(args), out_dir, optimizers, seeds, rhos)
+    plan = plan_sweep(_config_from(args, rho=rhos[0]), out_dir, optimizers, seeds, rhos)
     todo = pending_runs(plan, overwrite=args.overwrite)
     print(f"sweep: {len(plan)} runs, {len(plan) - len(todo)} already done, {len(todo)} to run",
           flush=True)

@@ -9,9 +9,11 @@ path fails before any work; ``overwrite=True`` never touches a store whose write
 replaces a finished one atomically (the old store is only deleted after the new one holds a
 step, and is put back if the new run stops before that).
 
-Records are buffered (``flush_every`` records, or sooner once ``flush_seconds`` passed) and
-appended along ``step``; chunks are written before the consolidated metadata, so a run killed
-at any moment reopens with exactly its flushed steps (:func:`~sam_diagnostics.open_run`).
+The first record is written at once (from then on the store is never empty, and a run it
+replaced is deleted); later records are buffered (``flush_every`` records, or sooner once
+``flush_seconds`` passed) and appended along ``step``; chunks are written before the
+consolidated metadata, so a run killed at any moment reopens with exactly its flushed steps
+(:func:`~sam_diagnostics.open_run`).
 
 Distributed runs (a later issue): one process owns a store (rank 0 gathers the ranks' records
 and appends them); chunks hold all examples by default (``example_chunk``).
@@ -288,7 +290,8 @@ class RunStore:
         folder, and never one whose writer is still running). Without it an existing ``path``
         raises ``FileExistsError``.
     flush_every : int
-        Recorded steps buffered per append (1 = write every record at once).
+        Recorded steps buffered per append (1 = write every record at once); the first
+        record is always written at once.
     flush_seconds : float
         Also write as soon as a record arrives this long after the previous write.
     chunk_steps : int
@@ -408,7 +411,8 @@ class RunStore:
             raise ValueError("append needs a dataset with a 'step' dimension")
         self._buffer.append(ds)
         buffered = len(self) - self._written
-        if (buffered >= self.flush_every
+        if (not self._has_data  # the first record at once: a started run is never empty
+                or buffered >= self.flush_every
                 or time.monotonic() - self._last_write >= self.flush_seconds):
             self.flush()
 
