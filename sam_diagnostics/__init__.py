@@ -10,7 +10,7 @@ from .perturb import epsilon, group_slices, perturbed, sam_epsilon
 from .probe import Probe
 from .record import Recorder
 from .rules import register_rule
-from .store import merge_runs, open_run, to_netcdf
+from .runs import merge_runs, open_run, to_netcdf, validate_run
 from .train import TrainConfig, train
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "open_run",
     "merge_runs",
     "to_netcdf",
+    "validate_run",
     "train",
     "TrainConfig",
 ]

@@ -1,4 +1,7 @@
-"""The ``sam-diagnostics`` command line: train, sweep, summary, plot.
+"""The ``sam-diagnostics`` command line: train, sweep, summary, plot, validate.
+
+This module holds the parser and the dispatch; the work is in :mod:`~sam_diagnostics.train`,
+:mod:`~sam_diagnostics.sweep`, :mod:`~sam_diagnostics.summary` and :mod:`~sam_diagnostics.runs`.
 
 Examples
 --------
@@ -11,16 +14,18 @@ Examples
     sam-diagnostics sweep --dataset mnist1d --optimizers sgd sam jsam --seeds 0-4 \\
         --rho 0.03 0.05 --epochs 100 --out runs/ --jobs 2
     sam-diagnostics summary runs/
+    sam-diagnostics validate run.zarr
 
 A bad configuration (unknown name, a value out of range, missing data, an existing output
-without ``--overwrite``) prints one line on stderr and exits with status 2.
+without ``--overwrite``, an output another process is writing, a path that cannot be written,
+a path that is not a run) prints one line on stderr and exits with status 2, before any
+training. ``validate`` exits with 1 when a store breaks the schema.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -28,9 +33,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import DATASETS, NOISE_MODES
+from .data import NOISE_MODES, dataset_names
 from .models import MODELS
-from .train import OPTIMIZER_NAMES, ConfigError, TrainConfig
+from .runs import EmptyRunError, NotARunError
+from .schema import OPTIMIZER_NAMES
+from .train import ConfigError, TrainConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -81,7 +88,7 @@ def _split_list(values: Sequence[str], kind=str) -> list:
 
 def _add_run_options(p: argparse.ArgumentParser, *, sweep: bool) -> None:
     d = _DEFAULTS
-    p.add_argument("--dataset", choices=DATASETS, default=d.dataset,
+    p.add_argument("--dataset", choices=dataset_names(), default=d.dataset,
                    help=f"data set (default {d.dataset})")
     p.add_argument("--model", choices=MODELS, default=d.model, help=f"model (default {d.model})")
     if sweep:
@@ -180,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "folder (merged along 'run').")
     p.add_argument("runs", nargs="+", metavar="RUN_OR_DIR", help="runs or folders of runs")
     p.add_argument("--out", required=True, help="folder for the figures")
+
+    p = sub.add_parser("validate", help="check stored runs against the schema",
+                       description="Check runs against the stored-data schema (names, dims, "
+                       "long_name/units, schema_version); exit 1 if one breaks it.")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_DIR", help="runs or folders of runs")
     return parser
 
 
@@ -225,63 +237,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args).validate()
     _check_flush(args.flush_every)
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.overwrite:
-        raise _Fail(f"{str(out)!r} already exists; pass --overwrite to replace it")
     _set_threads(args.threads)
     _sigterm_to_exit()
     start = time.perf_counter()
+    out = Path(args.out).expanduser()
     ds = train(cfg, out, progress=not args.no_progress, overwrite=args.overwrite,
                flush_every=args.flush_every)
     print(f"{out}: {run_summary_line(ds, time.perf_counter() - start)}")
     return 0
 
 
-def _run_name(cfg: TrainConfig) -> str:
-    if cfg.optimizer in ("sgd", "regsgd"):
-        return f"{cfg.optimizer}-seed{cfg.seed}.zarr"
-    return f"{cfg.optimizer}-rho{cfg.rho:g}-m{cfg.m}-seed{cfg.seed}.zarr"
-
-
-def _same_value(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    return str(a) == str(b)
-
-
-def _existing_state(path: Path, cfg: TrainConfig) -> str:
-    """``"missing"``, ``"complete"`` or ``"incomplete"``; raises if it is another run."""
-    from .store import open_run
-
-    if not path.exists():
-        return "missing"
-    try:
-        attrs = open_run(path, load=False).attrs
-    except (ValueError, OSError, KeyError):
-        return "incomplete"
-    wanted = cfg.attrs()
-    for key, value in wanted.items():
-        if key in attrs and not _same_value(attrs[key], value):
-            raise _Fail(f"{str(path)!r} holds another configuration ({key}={attrs[key]!r}, "
-                        f"asked {value!r}); use another --out or --overwrite")
-    return "complete" if int(attrs.get("complete", 0)) == 1 else "incomplete"
-
-
-def _sweep_worker(cfg_dict: dict, out: str, threads: int | None, flush_every: int) -> str:
-    from .train import run_summary_line, train
-
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    start = time.perf_counter()
-    ds = train(TrainConfig(**cfg_dict), out, progress=False, overwrite=True,
-               flush_every=flush_every)
-    return f"{out}: {run_summary_line(ds, time.perf_counter() - start)}"
-
-
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .train import run_summary_line, train
+    from .sweep import pending_runs, plan_sweep, run_sweep
 
     optimizers = _split_list(args.optimizers)
     unknown = [o for o in optimizers if o not in OPTIMIZER_NAMES]
@@ -297,146 +264,100 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out_dir = Path(args.out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise _Fail(f"--out {str(out_dir)!r} exists and is not a folder")
-
-    plan: list[tuple[TrainConfig, Path]] = []
-    for optimizer in optimizers:
-        for rho in rhos[:1] if optimizer in ("sgd", "regsgd") else rhos:
-            for seed in seeds:
-                cfg = _config_from(args, optimizer=optimizer, rho=rho, seed=seed).validate()
-                plan.append((cfg, out_dir / _run_name(cfg)))
-    todo = []
-    for cfg, path in plan:
-        state = "missing" if args.overwrite else _existing_state(path, cfg)
-        if state == "complete":
-            print(f"{path}: done, skipped")
-        else:
-            todo.append((cfg, path))
+    plan = plan_sweep(_config_from(args, rho=rhos[0]), out_dir, optimizers, seeds, rhos)
+    todo = pending_runs(plan, overwrite=args.overwrite)
     print(f"sweep: {len(plan)} runs, {len(plan) - len(todo)} already done, {len(todo)} to run",
           flush=True)
     if not todo:
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise _Fail(f"cannot write to --out {str(out_dir)!r}: permission denied")
     _set_threads(args.threads)
-    if args.jobs == 1 or len(todo) == 1:
-        _sigterm_to_exit()
-        for i, (cfg, path) in enumerate(todo, 1):
-            start = time.perf_counter()
-            ds = train(cfg, path, progress=not args.no_progress, overwrite=True,
-                       flush_every=args.flush_every)
-            print(f"[{i}/{len(todo)}] {path}: {run_summary_line(ds, time.perf_counter() - start)}",
-                  flush=True)
-        return 0
-
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     threads = args.threads if args.threads is not None else max(
         1, (os.cpu_count() or 1) // args.jobs)
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(_sweep_worker, dataclasses.asdict(cfg), str(path), threads,
-                               args.flush_every) for cfg, path in todo]
-        for i, future in enumerate(as_completed(futures), 1):
-            print(f"[{i}/{len(todo)}] {future.result()}", flush=True)
+    if args.jobs == 1 or len(todo) == 1:
+        _sigterm_to_exit()
+    failed = run_sweep(todo, jobs=args.jobs, threads=threads, flush_every=args.flush_every,
+                       progress=not args.no_progress and args.jobs == 1,
+                       echo=lambda line: print(line, flush=True))
+    if failed:
+        print(f"sam-diagnostics sweep: error: {len(failed)} of {len(todo)} runs failed "
+              "(see above)", file=sys.stderr)
+        return 2
     return 0
 
 
 # --------------------------------------------------------------------------------------------
-# summary / plot
+# summary / plot / validate
 # --------------------------------------------------------------------------------------------
 
 
 def _collect(paths: Sequence[str]) -> list[Path]:
-    from .store import find_runs
+    from .runs import find_runs
 
     runs: list[Path] = []
     for p in paths:
-        try:
-            runs.extend(find_runs(p))
-        except FileNotFoundError as err:
-            raise _Fail(str(err)) from None
+        runs.extend(find_runs(p))
     return list(dict.fromkeys(runs))
 
 
-def _pct(x: float) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+def _readable(runs: list[Path]) -> list[Path]:
+    """The runs that hold a step (others are named on stderr); refuse non-runs."""
+    from .runs import open_run
 
-
-def _num(x) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
-
-
-def _pm(mean: float, std: float, fmt) -> str:
-    if isinstance(mean, float) and math.isnan(mean):
-        return "-"
-    if isinstance(std, float) and math.isnan(std):
-        return fmt(mean)
-    return f"{fmt(mean)} ± {fmt(std)}"
+    kept = []
+    for path in runs:
+        try:
+            open_run(path, load=False, warn=False).close()
+        except EmptyRunError as err:
+            print(f"skipped: {' '.join(str(err).split())}", file=sys.stderr)
+            continue
+        kept.append(path)
+    if not kept:
+        raise _Fail("no run holds a recorded step yet")
+    return kept
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    import pandas as pd
+    from .summary import format_summary, summary_table
 
-    from .summary import group_summary, summary_table
-
-    runs = _collect(args.runs)
+    if args.csv:
+        csv = Path(args.csv).expanduser()
+        if csv.is_dir() or not csv.parent.is_dir():
+            raise _Fail(f"--csv {args.csv!r}: " + ("is a folder" if csv.is_dir()
+                                                   else "its folder does not exist"))
+    runs = _readable(_collect(args.runs))
     try:
         table = summary_table(runs)
     except ValueError as err:
         raise _Fail(str(err)) from None
-    has_val = "test_acc_at_best_val" in table
-    rows = pd.DataFrame({
-        "run": table["run"],
-        "optimizer": table["optimizer"].map(_num),
-        "rho": table["rho"].map(_num),
-        "m": table["m"].map(_num),
-        "seed": table["seed"].map(_num),
-        "best test %": table["best_test_acc"].map(_pct),
-        "best epoch": table["best_epoch"].map(_num),
-        "final test %": table["final_test_acc"].map(_pct),
-        "clean train % @best": table["clean_train_acc_at_best"].map(_pct),
-        "noisy train % @best": table["noisy_train_acc_at_best"].map(_pct),
-        **({"test % @best val": table["test_acc_at_best_val"].map(_pct)} if has_val else {}),
-        "epochs": table["epochs_recorded"].map(_num),
-        "done": table["complete"].map(lambda c: "yes" if c else "no"),
-    })
-    print("Per run (accuracies in %; noisy train accuracy is against the observed, noisy "
-          "labels):")
-    print(rows.to_string(index=False))
-    groups = group_summary(table)
-    if len(groups):
-        out = pd.DataFrame({k: groups[k].map(_num) for k in
-                            ("dataset", "model", "noise_rate", "optimizer", "m", "rho")
-                            if k in groups})
-        out = out.rename(columns={"noise_rate": "noise"})
-        out["seeds"] = groups["n_seeds"]
-        for col, label, fmt in (("best_test_acc", "best test %", _pct),
-                                ("best_epoch", "best epoch", _num),
-                                ("final_test_acc", "final test %", _pct),
-                                ("clean_train_acc_at_best", "clean train % @best", _pct),
-                                ("noisy_train_acc_at_best", "noisy train % @best", _pct),
-                                ("test_acc_at_best_val", "test % @best val", _pct)):
-            if f"{col}_mean" in groups:
-                out[label] = [_pm(a, b, fmt) for a, b in
-                              zip(groups[f"{col}_mean"], groups[f"{col}_std"])]
-        print()
-        print("Mean ± std over seeds:")
-        print(out.to_string(index=False))
+    print(format_summary(table))
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"\nwrote {args.csv}")
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .runs import validate_run
+
+    results = [validate_run(path) for path in _collect(args.runs)]
+    for result in results:
+        print(result)
+    return 0 if all(r.ok for r in results) else 1
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import MissingVariableError, plot_standard
-    from .store import merge_runs, open_run
+    from .runs import merge_runs, open_run
 
-    runs = _collect(args.runs)
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise _Fail(f"--out {args.out!r} exists and is not a folder")
+    runs = _readable(_collect(args.runs))
     try:
-        ds = open_run(runs[0]) if len(runs) == 1 else merge_runs(runs)
+        ds = open_run(runs[0], warn=False) if len(runs) == 1 else merge_runs(runs)
     except ValueError as err:
         raise _Fail(str(err)) from None
     try:
@@ -450,7 +371,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "summary": _cmd_summary,
-             "plot": _cmd_plot}
+             "plot": _cmd_plot, "validate": _cmd_validate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -465,14 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return _COMMANDS[args.command](args)
-    except (_Fail, ConfigError, FileExistsError, FileNotFoundError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"sam-diagnostics {args.command}: error: {message}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except (_Fail, ConfigError, NotARunError, EmptyRunError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"sam-diagnostics {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sam-diagnostics {args.command}: interrupted (finished records are kept)",
               file=sys.stderr)

@@ -25,17 +25,29 @@ Examples
 
 from __future__ import annotations
 
-import functools
-import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .sources import (  # noqa: F401 - re-exported: the registry and the built-in sources
+    _SOURCES,
+    CIFAR10_TEST_FILE,
+    CIFAR10_TRAIN_FILES,
+    DATA_SEED,
+    GAUSSIAN_DIM,
+    GAUSSIAN_MEAN_NORM,
+    GAUSSIAN_TEST_SIZE,
+    GAUSSIAN_TRAIN_SIZE,
+    _mnist1d_raw,
+    dataset_names,
+    register_source,
+    unregister_source,
+)
 
 __all__ = [
     "DATASETS",
@@ -45,6 +57,10 @@ __all__ = [
     "inject_label_noise",
     "load_dataset",
     "probe_subset",
+    "register_source",
+    "unregister_source",
+    "dataset_names",
+    "as_noisy_dataset",
 ]
 
 #: Names accepted by :func:`load_dataset`.
@@ -53,19 +69,6 @@ DATASETS: tuple[str, ...] = ("digits", "mnist1d", "gaussian", "cifar10")
 #: Label-noise models accepted by :func:`inject_label_noise`.
 NOISE_MODES: tuple[str, ...] = ("symmetric", "asymmetric")
 
-#: Fixed seed of the data themselves (train/test split of digits, samples of the Gaussian
-#: mixture): the noise seed never changes which examples exist or what the test set is.
-DATA_SEED = 0
-
-#: Dimension, mean norm and default training-pool size of the ``"gaussian"`` toy.
-GAUSSIAN_DIM = 20
-GAUSSIAN_MEAN_NORM = 2.0
-GAUSSIAN_TRAIN_SIZE = 1000
-GAUSSIAN_TEST_SIZE = 1000
-
-CIFAR10_TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-CIFAR10_TEST_FILE = "test_batch.bin"
-_CIFAR10_RECORD = 1 + 3 * 32 * 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,154 +280,6 @@ class Splits:
 
 
 # --------------------------------------------------------------------------------------------
-# Sources: each returns (x_train, y_train, ids_train, x_test, y_test, ids_test, num_classes)
-# with float32 inputs already normalized using training-pool statistics.
-# --------------------------------------------------------------------------------------------
-
-
-def _checked_size(n_samples: int) -> int:
-    if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive integer or None, got {n_samples!r}")
-    return int(n_samples)
-
-
-def _take(n_samples: int | None, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The first ``n_samples`` rows of each array (all of them when ``None``)."""
-    if n_samples is None:
-        return arrays
-    n = _checked_size(n_samples)
-    return tuple(a[:n] for a in arrays)
-
-
-def _digits(n_samples: int | None):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    ids = np.arange(len(y))
-    x_tr, x_te, y_tr, y_te, id_tr, id_te = train_test_split(
-        x, y, ids, test_size=0.3, random_state=DATA_SEED, stratify=y
-    )
-    x_tr, y_tr, id_tr = _take(n_samples, x_tr, y_tr, id_tr)
-    x_tr, x_te = x_tr / 16.0, x_te / 16.0  # pixel counts 0..16 -> [0, 1]
-    mean = x_tr.mean(axis=0)
-    std = x_tr.std(axis=0)
-    std[std < 1e-8] = 1.0  # always-blank border pixels stay 0
-    x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
-    return x_tr, y_tr, id_tr, x_te, y_te, id_te, 10
-
-
-@functools.lru_cache(maxsize=1)
-def _mnist1d_raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """MNIST-1D built locally (never downloaded), read-only arrays cached per process.
-
-    ``mnist1d.data.make_dataset`` reseeds the global ``numpy`` and ``random`` generators; their
-    states are saved and restored around it.
-    """
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        raw = make_dataset(get_dataset_args())
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
-    arrays = (
-        np.asarray(raw["x"], dtype=np.float64),
-        np.asarray(raw["y"], dtype=np.int64),
-        np.asarray(raw["x_test"], dtype=np.float64),
-        np.asarray(raw["y_test"], dtype=np.int64),
-    )
-    for a in arrays:
-        a.setflags(write=False)
-    return arrays
-
-
-def _mnist1d(n_samples: int | None):
-    x_tr, y_tr, x_te, y_te = _mnist1d_raw()
-    id_tr = np.arange(len(y_tr))
-    id_te = len(y_tr) + np.arange(len(y_te))
-    x_tr, y_tr, id_tr = _take(n_samples, x_tr, y_tr, id_tr)
-    mean = x_tr.mean(axis=0)  # centred per feature ...
-    scale = (x_tr - mean).std()  # ... and scaled by one global std
-    return (x_tr - mean) / scale, y_tr, id_tr, (x_te - mean) / scale, y_te, id_te, 10
-
-
-def _gaussian(n_samples: int | None):
-    n_train = GAUSSIAN_TRAIN_SIZE if n_samples is None else _checked_size(n_samples)
-    mu = np.full(GAUSSIAN_DIM, GAUSSIAN_MEAN_NORM / math.sqrt(GAUSSIAN_DIM))
-
-    def draw(n: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([DATA_SEED, stream])
-        y = rng.permutation(np.arange(n) % 2)  # balanced classes
-        x = (2 * y[:, None] - 1) * mu + rng.standard_normal((n, GAUSSIAN_DIM))
-        return x, y
-
-    x_tr, y_tr = draw(n_train, 0)
-    x_te, y_te = draw(GAUSSIAN_TEST_SIZE, 1)  # own stream: the test set ignores n_samples
-    id_tr = np.arange(n_train)
-    id_te = n_train + np.arange(GAUSSIAN_TEST_SIZE)
-    return x_tr, y_tr, id_tr, x_te, y_te, id_te, 2
-
-
-def _cifar10_dir(data_dir: str | PathLike | None) -> Path:
-    hint = (
-        "cifar10 needs the official binary version (cifar-10-binary.tar.gz, files "
-        f"{', '.join(CIFAR10_TRAIN_FILES)}, {CIFAR10_TEST_FILE}); pass --data-dir "
-        "(data_dir=...) pointing at the folder that holds them"
-    )
-    if data_dir is None:
-        raise ValueError(f"{hint}; no data directory was given")
-    root = Path(data_dir).expanduser()
-    needed = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
-    for candidate in (root, root / "cifar-10-batches-bin"):
-        if all((candidate / f).is_file() for f in needed):
-            return candidate
-    missing = [f for f in needed if not (root / f).is_file()]
-    raise ValueError(f"{hint}; missing in {str(root)!r}: {', '.join(missing)}")
-
-
-def _read_cifar10_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one official CIFAR-10 binary file: 3073-byte records (label byte + CHW pixels)."""
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % _CIFAR10_RECORD:
-        raise ValueError(
-            f"{str(path)!r} is not a CIFAR-10 binary file: {raw.size} bytes is not a positive "
-            f"multiple of the {_CIFAR10_RECORD}-byte record"
-        )
-    records = raw.reshape(-1, _CIFAR10_RECORD)
-    labels = records[:, 0].astype(np.int64)
-    if labels.max() >= 10:
-        raise ValueError(f"{str(path)!r}: label byte {labels.max()} is not a CIFAR-10 class")
-    return records[:, 1:].reshape(-1, 3, 32, 32), labels
-
-
-def _cifar10(n_samples: int | None, data_dir: str | PathLike | None):
-    root = _cifar10_dir(data_dir)
-    parts = [_read_cifar10_file(root / f) for f in CIFAR10_TRAIN_FILES]
-    x_tr = np.concatenate([p[0] for p in parts])
-    y_tr = np.concatenate([p[1] for p in parts])
-    x_te, y_te = _read_cifar10_file(root / CIFAR10_TEST_FILE)
-    id_tr = np.arange(len(y_tr))
-    id_te = len(y_tr) + np.arange(len(y_te))
-    x_tr, y_tr, id_tr = _take(n_samples, x_tr, y_tr, id_tr)
-    # per-channel statistics of the training pool, accumulated in float64
-    mean = x_tr.mean(axis=(0, 2, 3), dtype=np.float64) / 255.0
-    std = np.sqrt(
-        np.maximum(np.square(x_tr, dtype=np.float64).mean(axis=(0, 2, 3)) / 255.0**2 - mean**2, 0.0)
-    )
-    std[std < 1e-8] = 1.0
-
-    def normalize(x: np.ndarray) -> np.ndarray:
-        out = x.astype(np.float32) / np.float32(255.0)
-        out -= mean.astype(np.float32)[None, :, None, None]
-        out /= std.astype(np.float32)[None, :, None, None]
-        return out
-
-    return normalize(x_tr), y_tr, id_tr, normalize(x_te), y_te, id_te, 10
-
-
-# --------------------------------------------------------------------------------------------
 # Public loader
 # --------------------------------------------------------------------------------------------
 
@@ -482,8 +337,8 @@ def load_dataset(
     >>> float(splits.train.noise_rate)
     0.2
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name not in _SOURCES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(_SOURCES)}")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating)):
@@ -492,15 +347,7 @@ def load_dataset(
         raise ValueError(f"noise (the label-noise rate) must be in [0, 1), got {noise!r}")
     if noise_mode not in NOISE_MODES:
         raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-
-    if name == "digits":
-        source = _digits(n_samples)
-    elif name == "mnist1d":
-        source = _mnist1d(n_samples)
-    elif name == "gaussian":
-        source = _gaussian(n_samples)
-    else:
-        source = _cifar10(n_samples, data_dir)
+    source = _SOURCES[name](n_samples, data_dir)
     x_pool, y_pool, id_pool, x_test, y_test, id_test, num_classes = source
 
     observed, is_noisy = inject_label_noise(y_pool, num_classes, noise, mode=noise_mode, seed=seed)
@@ -603,3 +450,103 @@ def probe_subset(dataset: NoisyDataset, size: int, *, seed: int = 0) -> np.ndarr
         if quota[s]
     ]
     return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Any map-style data set as a NoisyDataset
+# --------------------------------------------------------------------------------------------
+
+
+def _mask(value: Any, n: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.as_tensor(np.asarray(value)).reshape(-1)
+    if tensor.shape[0] != n:
+        raise ValueError(f"{name} has {tensor.shape[0]} entries but the data set has {n}")
+    if dtype == torch.bool and tensor.dtype != torch.bool:
+        raise TypeError(f"{name} must be a boolean mask, got dtype {tensor.dtype}")
+    return tensor.to(dtype)
+
+
+def as_noisy_dataset(
+    dataset: Any,
+    *,
+    is_noisy: Any = None,
+    true_labels: Any = None,
+    name: str = "dataset",
+) -> NoisyDataset:
+    """Any map-style data set of ``(x, y)`` or ``(x, y, id)`` items as a :class:`NoisyDataset`.
+
+    Parameters
+    ----------
+    dataset : NoisyDataset or map-style dataset
+        ``len(dataset)`` and ``dataset[i]`` giving ``(x, y)`` or ``(x, y, id)`` (tensors,
+        arrays or numbers; e.g. ``torch.utils.data.TensorDataset``). A ``NoisyDataset`` is
+        returned as it is (unless masks are given). Items are read once and stacked in memory.
+    is_noisy : array of bool, optional
+        Which labels are noisy (also read from a ``dataset.is_noisy`` attribute). Absent:
+        all ``False`` (no example is known to be noisy).
+    true_labels : array of int, optional
+        The clean labels (also read from ``dataset.true_labels``). Absent: ``-1`` (unknown).
+    name : str
+        Used in error messages.
+
+    Returns
+    -------
+    NoisyDataset
+        ``example_ids`` from the items' ids, else the positions ``0..N-1``; ``num_classes``
+        from the data set's ``num_classes`` attribute, else ``max(label) + 1`` (at least 2).
+
+    Raises
+    ------
+    TypeError
+        Not a map-style data set, or items that are not ``(x, y[, id])``.
+    ValueError
+        An empty data set, masks of the wrong length, inputs of different shapes.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch.utils.data import TensorDataset
+    >>> ds = as_noisy_dataset(TensorDataset(torch.zeros(3, 2), torch.tensor([0, 1, 1])))
+    >>> ds.example_ids.tolist(), ds.true_labels.tolist(), ds.is_noisy.tolist()
+    ([0, 1, 2], [-1, -1, -1], [False, False, False])
+    """
+    if isinstance(dataset, NoisyDataset) and is_noisy is None and true_labels is None:
+        return dataset
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(f"{name} must be a map-style data set (with len() and [i]) of "
+                        f"(x, y) or (x, y, id) items, got {type(dataset).__name__}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError(f"{name} is empty")
+    if isinstance(dataset, NoisyDataset):
+        inputs, labels, ids = dataset.inputs, dataset.labels, dataset.example_ids
+    else:
+        xs, ys, id_list = [], [], []
+        for i in range(n):
+            item = dataset[i]
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise TypeError(f"{name}[{i}] must be an (x, y) or (x, y, id) tuple, got "
+                                f"{type(item).__name__}"
+                                + (f" of length {len(item)}" if isinstance(item, (tuple, list))
+                                   else ""))
+            xs.append(torch.as_tensor(np.asarray(item[0]) if not isinstance(
+                item[0], torch.Tensor) else item[0]).detach().cpu())
+            ys.append(int(torch.as_tensor(item[1]).reshape(())))
+            id_list.append(int(torch.as_tensor(item[2]).reshape(())) if len(item) == 3 else i)
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) != 1:
+            raise ValueError(f"{name} has inputs of different shapes: {sorted(shapes)[:3]}")
+        inputs = torch.stack(xs).float()
+        labels, ids = torch.tensor(ys), torch.tensor(id_list)
+        if len(set(id_list)) != n:
+            raise ValueError(f"{name} has repeated example ids; ids must be unique")
+    if is_noisy is None:
+        is_noisy = getattr(dataset, "is_noisy", None)
+    if true_labels is None:
+        true_labels = getattr(dataset, "true_labels", None)
+    noisy = (torch.zeros(n, dtype=torch.bool) if is_noisy is None
+             else _mask(is_noisy, n, "is_noisy", torch.bool))
+    true = (torch.full((n,), -1, dtype=torch.int64) if true_labels is None
+            else _mask(true_labels, n, "true_labels", torch.int64))
+    num_classes = getattr(dataset, "num_classes", None) or max(2, int(labels.max()) + 1)
+    return NoisyDataset(inputs, labels, true, noisy, ids, num_classes=num_classes)

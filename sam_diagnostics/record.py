@@ -1,6 +1,7 @@
 """`Recorder`: probe diagnostics and training curves of a training loop, on a schedule.
 
-The stored schema and its storage are described in :mod:`sam_diagnostics.store`.
+The stored schema is :mod:`sam_diagnostics.schema` (``docs/schema.md``); the zarr writer is
+:class:`~sam_diagnostics.store.RunStore`, reading back is :mod:`sam_diagnostics.runs`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from os import PathLike
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,12 +20,15 @@ import xarray as xr
 from torch import Tensor, nn
 
 from ._version import __version__
-from .data import NoisyDataset, probe_subset
+from .data import NoisyDataset, as_noisy_dataset, probe_subset
+from .errors import NonFiniteError
 from .hooks import measuring
 from .jacobian import model_logits
 from .logit_terms import is_binary, per_example_loss
 from .probe import Probe
-from .store import CURVES, RunStore, _clean_attrs, open_run
+from .runs import open_run
+from .schema import CURVES, RUN_ATTRS, describe, m_from_disk, m_to_disk
+from .store import RunStore, clean_attrs
 
 __all__ = ["Recorder"]
 
@@ -46,6 +51,22 @@ def _predictions(logits: Tensor) -> Tensor:
     return logits.argmax(dim=1)
 
 
+_FROM_CONFIG: Any = object()
+
+
+def describe_dataset(ds: xr.Dataset) -> xr.Dataset:
+    """Give every schema variable and coordinate of ``ds`` its long_name, units, description."""
+    for name, attrs in describe(ds.variables).items():
+        ds[name].attrs.update(attrs)
+    return ds
+
+
+def _check_count(name: str, value: Any, *, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or value < minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum} or None, got {value!r}")
+
+
 def _nan_like(ds: xr.Dataset) -> xr.Dataset:
     out = ds.copy(deep=True)
     for name, var in out.data_vars.items():
@@ -62,15 +83,27 @@ class Recorder:
     model : nn.Module
         The model being trained. It is measured in eval mode and left exactly as it was.
     out : path, RunStore or None
-        Where to stream the run (a new zarr store), or ``None`` to keep it in memory only.
-    probe : NoisyDataset or int
+        Where to stream the run, or ``None`` to keep it in memory only. A path is created as a
+        new zarr store at once (before anything is measured), so a path that exists, that
+        another process writes or that cannot be written fails here, not after training.
+    probe : dataset or int
         The fixed probe set, or its size: a subset of ``train`` stratified over
-        (true label, is_noisy) by :func:`~sam_diagnostics.data.probe_subset`.
-    train, test, val : NoisyDataset, optional
-        Splits for the training curves (``train`` with observed, possibly noisy labels).
+        (true label, is_noisy) by :func:`~sam_diagnostics.data.probe_subset` (over the observed
+        labels when the true ones are unknown).
+    train, test, val : dataset, optional
+        Splits for the training curves (``train`` with observed, possibly noisy labels). Any
+        map-style data set of ``(x, y)`` or ``(x, y, id)`` items (e.g. ``TensorDataset``) or a
+        :class:`~sam_diagnostics.data.NoisyDataset`; items are read once into memory (see
+        :func:`~sam_diagnostics.data.as_noisy_dataset`). Without ids, an example's id is its
+        position in the data set.
+    noise_mask, true_labels : array, optional
+        Which ``train`` labels are noisy and the clean labels (also taken from ``is_noisy`` /
+        ``true_labels`` attributes of ``train``). Absent: the stored ``is_noisy`` is all
+        ``False``, ``true_label`` is -1 (unknown), and ``clean_train_accuracy`` and
+        ``noisy_train_accuracy`` are not recorded.
     config : mapping, optional
         The run's configuration, stored as attributes (scalars/strings). Its ``rho`` and ``m``
-        (0 = whole batch) are the probe's defaults.
+        (on-disk form: 0 = whole batch) are the probe's defaults.
     every_epochs : int or None
         Record at the end of every k-th epoch (``None``/0: never by epoch).
     every_steps : int or None
@@ -80,7 +113,7 @@ class Recorder:
         step-scheduled records a fractional ``epoch``.
     rho, m : optional
         Radius and group size of the probe's SAM view (default: ``config``'s, else 0.05 and 1;
-        ``m = 0`` = one ε for the whole probe batch).
+        ``m = None`` = one ε for the whole probe batch).
     probe_options : mapping, optional
         Extra :class:`~sam_diagnostics.Probe` arguments (``layers``, ``head``, ``method``,
         ``per_block``, ``loss_fn``, ``output_fn``).
@@ -93,7 +126,7 @@ class Recorder:
     record_initial : bool
         Record the model as it is now (step 0) on construction.
     overwrite, flush_every, flush_seconds, chunk_steps :
-        Passed to :class:`RunStore` when ``out`` is a path.
+        Passed to :class:`~sam_diagnostics.store.RunStore` when ``out`` is a path.
     keep : bool, optional
         Keep every record in memory (default: only when ``out`` is ``None``).
 
@@ -118,17 +151,19 @@ class Recorder:
         self,
         model: nn.Module,
         out: str | PathLike | RunStore | None,
-        probe: NoisyDataset | int = 256,
+        probe: Any = 256,
         *,
-        train: NoisyDataset | None = None,
-        test: NoisyDataset | None = None,
-        val: NoisyDataset | None = None,
+        train: Any = None,
+        test: Any = None,
+        val: Any = None,
+        noise_mask: Any = None,
+        true_labels: Any = None,
         config: Mapping[str, Any] | None = None,
         every_epochs: int | None = 1,
         every_steps: int | None = None,
         steps_per_epoch: int | None = None,
         rho: float | None = None,
-        m: int | None = None,
+        m: int | None = _FROM_CONFIG,
         probe_options: Mapping[str, Any] | None = None,
         probe_seed: int = 0,
         probe_batch_size: int | None = None,
@@ -140,40 +175,62 @@ class Recorder:
         chunk_steps: int = 16,
         keep: bool | None = None,
     ):
+        # ---- every argument is checked before anything is created or measured
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if out is not None and not isinstance(out, (str, PathLike, RunStore)):
+            raise TypeError(f"out must be a path, a RunStore or None, got {type(out).__name__}")
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping, got {type(config).__name__}")
         config = dict(config or {})
         for name, value in (("every_epochs", every_epochs), ("every_steps", every_steps),
                             ("steps_per_epoch", steps_per_epoch),
                             ("probe_batch_size", probe_batch_size)):
-            if value is not None and (isinstance(value, bool) or int(value) != value
-                                      or value < 0):
-                raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
-        if int(eval_batch_size) != eval_batch_size or eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}")
+            _check_count(name, value, minimum=0)
+        _check_count("eval_batch_size", eval_batch_size, minimum=1)
+        if train is not None:
+            known_mask = (isinstance(train, NoisyDataset) or noise_mask is not None
+                          or hasattr(train, "is_noisy"))
+            train = as_noisy_dataset(train, is_noisy=noise_mask, true_labels=true_labels,
+                                     name="train")
+        elif noise_mask is not None or true_labels is not None:
+            raise ValueError("noise_mask and true_labels describe train=...; give train too")
+        else:
+            known_mask = False
+        test = None if test is None else as_noisy_dataset(test, name="test")
+        val = None if val is None or len(val) == 0 else as_noisy_dataset(val, name="val")
         if isinstance(probe, (int, np.integer)) and not isinstance(probe, bool):
+            if probe < 1:
+                raise ValueError(f"probe size must be >= 1, got {probe!r}")
             if train is None:
                 raise ValueError("probe given as a size needs train=... to draw it from")
-            probe = train.subset(probe_subset(train, min(int(probe), len(train)),
+            strata: Any = train
+            if bool((train.true_labels < 0).any()):  # true labels unknown: stratify observed
+                strata = SimpleNamespace(is_noisy=train.is_noisy, true_labels=train.labels)
+            probe = train.subset(probe_subset(strata, min(int(probe), len(train)),
                                               seed=probe_seed))
-        if not isinstance(probe, NoisyDataset) or len(probe) == 0:
-            raise ValueError("probe must be a non-empty NoisyDataset or a positive size")
-
-        self.model = model
-        self.probe_set = probe
-        self.train, self.test = train, test
-        self.val = val if val is not None and len(val) else None
-        self.every_epochs = int(every_epochs or 0)
-        self.every_steps = int(every_steps or 0)
-        self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
+        elif probe is None or isinstance(probe, bool):
+            raise TypeError(f"probe must be a data set or a positive size, got {probe!r}")
+        else:
+            probe = as_noisy_dataset(probe, name="probe")
         self.rho = float(config.get("rho", 0.05) if rho is None else rho)
-        if m is None:
-            m = config.get("m", 1)
-        if isinstance(m, bool) or int(m) != m or m < 0:
-            raise ValueError(f"m must be an integer >= 0 (0 = whole probe batch), got {m!r}")
-        self.m = None if m == 0 else int(m)
+        if not math.isfinite(self.rho) or self.rho < 0:
+            raise ValueError(f"rho must be a finite number >= 0, got {self.rho!r}")
+        if m is _FROM_CONFIG:
+            m = m_from_disk(config.get("m", 1))
+        self.m = None if m is None else m_from_disk(m)
         options = dict(probe_options or {})
         self.output_fn = options.get("output_fn")
         self.loss_fn = options.get("loss_fn") or per_example_loss
         self.probe = Probe(model, **options)
+
+        self.model = model
+        self.probe_set = probe
+        self.train, self.test, self.val = train, test, val
+        self._mask_known = known_mask
+        self.every_epochs = int(every_epochs or 0)
+        self.every_steps = int(every_steps or 0)
+        self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch else None
         if probe_batch_size and self.m is not None:
             probe_batch_size = max(self.m, probe_batch_size // self.m * self.m)
         self.probe_batch_size = (int(probe_batch_size)
@@ -192,11 +249,12 @@ class Recorder:
         self.probe_head: str | None = None
         self._closed = False
 
-        self.attrs = _clean_attrs({
+        self.attrs = clean_attrs({
             **config,
+            **RUN_ATTRS,
             "sam_diagnostics_version": __version__,
             "probe_rho": self.rho,
-            "probe_m": 0 if self.m is None else self.m,
+            "probe_m": m_to_disk(self.m),
             "probe_examples": len(probe),
             "probe_method": self.probe.method,
             "record_every_epochs": self.every_epochs,
@@ -204,6 +262,7 @@ class Recorder:
             "steps_per_epoch": self.steps_per_epoch,
             "complete": 0,
         })
+        # ---- the store is created now: a taken or unwritable path fails before any work
         if isinstance(out, RunStore):
             self.store: RunStore | None = out
             out.attrs.update({**self.attrs, **out.attrs, "complete": 0})
@@ -213,9 +272,15 @@ class Recorder:
             self.store = RunStore(out, attrs=self.attrs, overwrite=overwrite,
                                   flush_every=flush_every, flush_seconds=flush_seconds,
                                   chunk_steps=chunk_steps)
+        self.attrs = {**self.attrs, **(self.store.attrs if self.store is not None else {})}
         self.keep = (self.store is None) if keep is None else bool(keep)
         if record_initial:
-            self.record()
+            try:
+                self.record()
+            except BaseException:
+                if self.store is not None:
+                    self.store.discard()  # nothing recorded: leave no empty store behind
+                raise
 
     # ---------------------------------------------------------------- schedule
     @property
@@ -285,8 +350,8 @@ class Recorder:
                     x[s], y[s], rho=self.rho, m=self.m,
                     example_ids=p.example_ids[s].numpy(), is_noisy=p.is_noisy[s].numpy(),
                     true_labels=p.true_labels[s].numpy()))
-        except ValueError as err:
-            if self._template is None or "finite" not in str(err):
+        except NonFiniteError as err:
+            if self._template is None:
                 raise
             warnings.warn(f"step {self.global_step}: probe not measurable ({err}); "
                           "recording NaN", RuntimeWarning, stacklevel=3)
@@ -347,6 +412,8 @@ class Recorder:
         if self.train is None:
             drop |= {"train_loss", "train_accuracy", "clean_train_accuracy",
                      "noisy_train_accuracy"}
+        elif not self._mask_known:
+            drop |= {"clean_train_accuracy", "noisy_train_accuracy"}
         return {k: v for k, v in curves.items() if k not in drop}
 
     def record(self) -> xr.Dataset:
@@ -363,6 +430,7 @@ class Recorder:
                         for name, value in curves.items()})
         if self.probe_head:
             self.attrs["head"] = self.probe_head
+        describe_dataset(ds)
         ds.attrs = dict(self.attrs)
         if self.store is not None:
             if "head" in self.attrs:
@@ -378,7 +446,7 @@ class Recorder:
         """The run so far: read back from the store (after a flush), else from memory."""
         if self.store is not None and not self.keep:
             self.store.flush()
-            return open_run(self.store.path)
+            return open_run(self.store.path, warn=False)
         if not self.records:
             raise ValueError("nothing recorded yet")
         ds = xr.concat(self.records, dim="step", data_vars="minimal", coords="minimal",

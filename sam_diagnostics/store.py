@@ -1,42 +1,33 @@
-"""Stored runs: the schema, the zarr store that streams them, and reading them back.
+"""The zarr writer of a run: created exclusively and up front, appended step by step.
 
-The schema of a stored run
---------------------------
-dims
-    ``step`` (recorded optimizer steps), ``example`` (the fixed probe set), ``view``
-    (``["sgd", "sam"]``: at ``w`` and at ``w + ε_i``), ``layer`` (watched layers, by module name),
-    ``module`` (modules owning parameters, for ``weight_norm``).
-coords
-    ``step`` (int, number of optimizer steps taken), ``epoch(step)`` (float, epochs done: exact
-    at epoch ends, fractional for step-scheduled records), ``example`` (stable integer ids from
-    the data set), ``is_noisy(example)``, ``label(example)`` (observed), ``true_label(example)``,
-    ``view``, ``layer``, ``module``.
-data variables
-    Per example, from :class:`~sam_diagnostics.Probe` with a leading ``step``: ``loss``,
-    ``margin``, ``logit_scale``, ``jacobian_norm``, ``grad_norm`` over (step, view, example);
-    ``activation_norm`` over (step, view, example, layer); ``last_layer_weight_norm(step)``;
-    ``weight_norm(step, module)``. Training curves over ``step`` (measured in eval mode, under
-    ``torch.no_grad``, on whole splits): ``train_loss`` and ``train_accuracy`` (noisy training
-    set, observed labels), ``clean_train_accuracy``, ``noisy_train_accuracy`` (against the
-    *observed* labels: memorization), ``test_loss``, ``test_accuracy``, ``val_accuracy`` (if a
-    validation set is given) and ``batch_loss`` (mean of the optimizer's minibatch losses since
-    the previous record; NaN for the record before the first step).
-attrs
-    The run configuration (scalars and strings only), ``sam_diagnostics_version``, the probe's
-    settings (``probe_rho``, ``probe_m`` with 0 = whole probe batch, ``probe_examples``, ``head``,
-    ``probe_method``) and ``complete`` (1 once the run finished, 0 while running or if killed).
+A :class:`RunStore` is created before any training: in its constructor it takes the writer
+lock ``RUN.zarr.lock`` (an OS file lock, so a killed writer never leaves a lock that blocks
+anyone; the file names the writer's pid and host for the error message), checks the path, and
+creates the store with its attributes (configuration, ``schema_version``, ``complete = 0``,
+``writer``). So a second writer of the same path fails at once, naming the first; an unwritable
+path fails before any work; ``overwrite=True`` never touches a store whose writer is alive, and
+replaces a finished one atomically (the old store is only deleted after the new one holds a
+step, and is put back if the new run stops before that).
 
-Storage
--------
-:class:`RunStore` appends along ``step`` to a zarr (format 2) store, buffering a few recorded
-steps per append (``flush_every`` records, or sooner once ``flush_seconds`` have passed since the
-last write) and flushing at :meth:`RunStore.close` and at interpreter exit. Every append writes
-its chunks (atomically, file by file) before the store's consolidated metadata, which is
-rewritten last: a run killed at any moment therefore reopens with exactly its flushed steps.
-:func:`open_run` reads zarr or netCDF only; nothing in a file is ever executed or unpickled.
+The first record is written at once (from then on the store is never empty, and a run it
+replaced is deleted); later records are buffered (``flush_every`` records, or sooner once
+``flush_seconds`` passed) and appended along ``step``; chunks are written before the
+consolidated metadata, so a run killed at any moment reopens with exactly its flushed steps
+(:func:`~sam_diagnostics.open_run`).
 
-Distributed runs (a later issue): chunks hold all examples by default (``example_chunk``);
-giving each rank a disjoint, chunk-aligned share of the probe set keeps one writer per chunk.
+Distributed runs (a later issue): one process owns a store (rank 0 gathers the ranks' records
+and appends them); chunks hold all examples by default (``example_chunk``).
+
+Examples
+--------
+>>> import xarray as xr, tempfile, pathlib
+>>> path = pathlib.Path(tempfile.mkdtemp()) / "run.zarr"
+>>> store = RunStore(path, attrs={"optimizer": "sgd"}, flush_every=1)
+>>> store.append(xr.Dataset({"train_loss": ("step", [0.5])}, coords={"step": [0]}))
+>>> store.close(complete=True)
+>>> from sam_diagnostics import open_run
+>>> open_run(path).attrs["complete"]
+1
 """
 
 from __future__ import annotations
@@ -45,13 +36,14 @@ import atexit
 import concurrent.futures.thread  # noqa: F401 - its exit hook must precede ours
 import functools
 import json
-import math
+import os
 import shutil
+import socket
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -59,44 +51,18 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["CONFIG_KEYS", "CURVES", "RunStore", "find_runs", "merge_runs", "open_run",
-           "to_netcdf"]
+from ._version import __version__
+from .schema import RUN_ATTRS
 
-CONFIG_KEYS: tuple[str, ...] = (
-    "optimizer",
-    "rho",
-    "m",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "seed",
-    "noise_rate",
-    "noise_mode",
-    "dataset",
-    "model",
-    "gamma_act",
-    "gamma_weight",
-    "complete",
-)
+__all__ = ["RunStore", "StoreLockedError", "WriterLock", "clean_attrs", "lock_path",
+           "read_lock"]
 
-#: Training-curve variables (over ``step`` only).
-CURVES: tuple[str, ...] = (
-    "train_loss",
-    "train_accuracy",
-    "clean_train_accuracy",
-    "noisy_train_accuracy",
-    "test_loss",
-    "test_accuracy",
-    "val_accuracy",
-    "batch_loss",
-)
-
-#: Per-example coordinates; :func:`merge_runs` gives them a ``run`` dimension.
-_EXAMPLE_COORDS = ("is_noisy", "label", "true_label")
 _ZARR_MARKERS = (".zgroup", "zarr.json", ".zattrs")
-_NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".h5", ".hdf5", ".cdf")
+NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".h5", ".hdf5", ".cdf")
+
+
+class StoreLockedError(FileExistsError):
+    """Another live process is writing this run store."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,8 +70,12 @@ _NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".h5", ".hdf5", ".cdf")
 # --------------------------------------------------------------------------------------------
 
 
-def _clean_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """Attributes as netCDF/zarr-safe scalars: bool -> int, None dropped, sequences -> JSON."""
+def clean_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes as netCDF/zarr-safe scalars: bool -> int, None dropped, sequences -> JSON.
+
+    >>> clean_attrs({"a": True, "b": None, "c": (1, 2)})
+    {'a': 1, 'c': '[1, 2]'}
+    """
     out: dict[str, Any] = {}
     for key, value in attrs.items():
         if value is None:
@@ -120,10 +90,128 @@ def _clean_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
             value = json.dumps(value)
         if not isinstance(value, (int, float, str)):
             raise TypeError(
-                f"attribute {key!r} must be a scalar or a string, got {type(value).__name__}"
-            )
+                f"attribute {key!r} must be a scalar or a string, got {type(value).__name__}")
         out[str(key)] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The writer lock
+# --------------------------------------------------------------------------------------------
+
+
+def lock_path(path: str | PathLike) -> Path:
+    """The writer lock of the run at ``path``: ``RUN.zarr`` -> ``RUN.zarr.lock`` beside it."""
+    p = Path(path).expanduser()
+    return p.with_name(p.name + ".lock")
+
+
+def read_lock(path: str | PathLike) -> dict[str, Any] | None:
+    """Who holds the writer lock of ``path`` (``{"pid", "host", "since"}``), or ``None``.
+
+    ``None`` when no live process holds it (no lock file, or a stale one left by a killed
+    writer: the OS releases the lock when its process dies).
+    """
+    lp = lock_path(path)
+    try:
+        fd = os.open(lp, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        import fcntl
+
+        try:  # shared: readers never block each other, a writer's exclusive lock blocks us
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:  # held: read who holds it
+            with open(lp) as f:
+                try:
+                    return json.loads(f.read() or "{}") or {"pid": "?", "host": "?"}
+                except ValueError:
+                    return {"pid": "?", "host": "?"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _describe_writer(info: Mapping[str, Any]) -> str:
+    since = info.get("since")
+    when = f" since {since}" if since else ""
+    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}{when}"
+
+
+class WriterLock:
+    """An exclusive, OS-released lock on one run path (``RUN.zarr.lock``, POSIX ``flock``).
+
+    Parameters
+    ----------
+    path : path
+        The run store it protects.
+
+    Raises
+    ------
+    StoreLockedError
+        Another live process holds it (the message names its pid and host).
+    OSError
+        The folder cannot hold the lock (missing permissions, a file in the way).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> lock = WriterLock(pathlib.Path(tempfile.mkdtemp()) / "run.zarr")
+    >>> lock.release()
+    """
+
+    def __init__(self, path: str | PathLike):
+        import fcntl
+
+        self.path = Path(path).expanduser()
+        self.file = lock_path(self.path)
+        self._fd: int | None = None
+        for _ in range(10):
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                info = read_lock(self.path)
+                if info is None:  # released meanwhile: try again
+                    time.sleep(0.01)
+                    continue
+                raise StoreLockedError(
+                    f"{str(self.path)!r} is being written by another process "
+                    f"({_describe_writer(info)}); wait for it to finish or choose another "
+                    "path") from None
+            try:  # the file we locked must still be the one at the lock path
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            info = {"pid": os.getpid(), "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+            self._fd = fd
+            self.info = info
+            return
+        raise StoreLockedError(f"could not lock {str(self.path)!r}: it is contended")
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent)."""
+        if self._fd is None:
+            return
+        try:
+            self.file.unlink()
+        except OSError:
+            pass
+        os.close(self._fd)  # closing releases the flock
+        self._fd = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,32 +219,34 @@ def _clean_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _is_zarr_dir(path: Path) -> bool:
+def is_zarr_dir(path: Path) -> bool:
     return path.is_dir() and any((path / marker).exists() for marker in _ZARR_MARKERS)
 
 
-def _remove_store(path: Path) -> None:
-    """Delete an existing run (a zarr store, a netCDF file or an empty folder) — nothing else."""
-    if not path.exists():
-        return
+def _check_replaceable(path: Path) -> None:
+    """Raise unless ``path`` is a run (zarr store, netCDF file) or an empty folder."""
     if path.is_dir():
-        if _is_zarr_dir(path) or not any(path.iterdir()):
-            shutil.rmtree(path)
+        if is_zarr_dir(path) or not any(path.iterdir()):
             return
         raise FileExistsError(
-            f"refusing to overwrite {str(path)!r}: it is a folder that is not a zarr store"
-        )
-    if path.suffix in _NETCDF_SUFFIXES:
-        path.unlink()
+            f"refusing to overwrite {str(path)!r}: it is a folder that is not a zarr store")
+    if path.suffix in NETCDF_SUFFIXES:
         return
     raise FileExistsError(f"refusing to overwrite {str(path)!r}: it is not a run store")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _flush_at_exit(ref: weakref.ref) -> None:
     store = ref()
     if store is not None and not store._closed:
         try:
-            store.flush()
+            store.close()
         except Exception as err:  # never turn an exit into a traceback
             warnings.warn(f"could not flush {store.path}: {err}", RuntimeWarning, stacklevel=1)
 
@@ -178,20 +268,30 @@ def _register_exit_flush(callback) -> None:
     atexit.register(callback)
 
 
+def _consolidate(path: Path) -> None:
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path), zarr_format=2)
+
+
 class RunStore:
-    """An append-only zarr store of one run, written step by step.
+    """An append-only zarr store of one run, created at once and written step by step.
 
     Parameters
     ----------
     path : path
-        The zarr folder to create (``*.zarr`` by convention).
+        The zarr folder to create (``*.zarr`` by convention); missing parent folders are made.
     attrs : mapping, optional
-        Run attributes (scalars/strings); written with the first flush.
+        Run attributes (scalars/strings), written at creation.
     overwrite : bool
         Replace an existing run at ``path`` (only a zarr store, a netCDF file or an empty
-        folder is ever deleted). Without it an existing ``path`` raises ``FileExistsError``.
+        folder, and never one whose writer is still running). Without it an existing ``path``
+        raises ``FileExistsError``.
     flush_every : int
-        Recorded steps buffered per append (1 = write every record at once).
+        Recorded steps buffered per append (1 = write every record at once); the first
+        record is always written at once.
     flush_seconds : float
         Also write as soon as a record arrives this long after the previous write.
     chunk_steps : int
@@ -199,40 +299,97 @@ class RunStore:
     example_chunk : int, optional
         Chunk length along ``example`` (default: the whole probe set).
 
+    Raises
+    ------
+    StoreLockedError
+        Another live process writes ``path`` (a ``FileExistsError``; names its pid and host).
+    FileExistsError
+        ``path`` exists and ``overwrite`` is false, or it is not a run.
+    OSError
+        ``path`` cannot be created (permissions, a file where a folder should be).
+
     Notes
     -----
     Appends rewrite the consolidated metadata last, so a process killed mid-append leaves the
-    previous, complete steps readable by :func:`open_run`. Buffered records are flushed by
-    :meth:`flush`, :meth:`close` and at interpreter exit (not on ``SIGKILL``).
+    previous, complete steps readable. Buffered records are flushed by :meth:`flush`,
+    :meth:`close` and at interpreter exit (not on ``SIGKILL``).
     """
 
     def __init__(self, path: str | PathLike, *, attrs: Mapping[str, Any] | None = None,
                  overwrite: bool = False, flush_every: int = 16, flush_seconds: float = 30.0,
                  chunk_steps: int = 16, example_chunk: int | None = None):
-        if int(flush_every) != flush_every or flush_every < 1:
-            raise ValueError(f"flush_every must be a positive integer, got {flush_every!r}")
-        if int(chunk_steps) != chunk_steps or chunk_steps < 1:
-            raise ValueError(f"chunk_steps must be a positive integer, got {chunk_steps!r}")
+        for name, value in (("flush_every", flush_every), ("chunk_steps", chunk_steps)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not flush_seconds >= 0:
             raise ValueError(f"flush_seconds must be >= 0, got {flush_seconds!r}")
         self.path = Path(path).expanduser()
-        if self.path.exists():
-            if not overwrite:
-                raise FileExistsError(
-                    f"{str(self.path)!r} already exists; choose another path or overwrite it"
-                )
-            _remove_store(self.path)
-        self.attrs = _clean_attrs({**(attrs or {}), "complete": 0})
+        self.attrs = clean_attrs({**(attrs or {}), "complete": 0})
         self.flush_every = int(flush_every)
         self.flush_seconds = float(flush_seconds)
         self.chunk_steps = int(chunk_steps)
         self.example_chunk = example_chunk
         self._buffer: list[xr.Dataset] = []
         self._written = 0
-        self._created = False
+        self._has_data = False
         self._closed = False
+        self._replaced: Path | None = None
         self._last_write = time.monotonic()
+        if self.path.exists() and not overwrite and not self.path.with_name(
+                self.path.name + ".lock").exists():
+            raise FileExistsError(f"{str(self.path)!r} already exists; choose another path "
+                                  "or overwrite it")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = WriterLock(self.path)
+        except StoreLockedError:
+            raise
+        except FileExistsError:  # a file where a folder should be
+            raise NotADirectoryError(f"cannot create {str(self.path)!r}: "
+                                     f"{str(self.path.parent)!r} is not a folder") from None
+        except OSError as err:
+            where = f"{err.filename!r}: " if err.filename else ""
+            raise type(err)(err.errno, f"cannot create {str(self.path)!r}: {where}"
+                            f"{(err.strerror or str(err)).lower()}") from None
+        try:
+            if self.path.exists():
+                if not overwrite:
+                    raise FileExistsError(f"{str(self.path)!r} already exists; choose another "
+                                          "path or overwrite it")
+                _check_replaceable(self.path)
+            self._create()
+        except BaseException:
+            self._lock.release()
+            raise
+        self.attrs["writer"] = f"{os.getpid()}@{socket.gethostname()}"
         _register_exit_flush(functools.partial(_flush_at_exit, weakref.ref(self)))
+
+    def _create(self) -> None:
+        """Write the empty store beside ``path``, then move it into place in one rename."""
+        import zarr
+
+        self.attrs.update(**RUN_ATTRS,
+                          sam_diagnostics_version=self.attrs.get("sam_diagnostics_version",
+                                                                 __version__),
+                          writer=f"{os.getpid()}@{socket.gethostname()}")
+        tmp = self.path.with_name(f".{self.path.name}.creating-{os.getpid()}")
+        _remove(tmp)
+        try:
+            group = zarr.open_group(str(tmp), mode="w-", zarr_format=2)
+            group.attrs.update(self.attrs)
+            _consolidate(tmp)
+            if self.path.exists() or self.path.is_symlink():
+                trash = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
+                _remove(trash)
+                os.rename(self.path, trash)
+                self._replaced = trash
+            os.rename(tmp, self.path)
+        except BaseException:
+            _remove(tmp)
+            if self._replaced is not None and not self.path.exists():
+                os.rename(self._replaced, self.path)
+                self._replaced = None
+            raise
 
     @property
     def steps_written(self) -> int:
@@ -254,7 +411,8 @@ class RunStore:
             raise ValueError("append needs a dataset with a 'step' dimension")
         self._buffer.append(ds)
         buffered = len(self) - self._written
-        if (buffered >= self.flush_every
+        if (not self._has_data  # the first record at once: a started run is never empty
+                or buffered >= self.flush_every
                 or time.monotonic() - self._last_write >= self.flush_seconds):
             self.flush()
 
@@ -276,6 +434,8 @@ class RunStore:
         """Write the buffered steps (one zarr append)."""
         if not self._buffer:
             return
+        if self._closed:
+            raise ValueError(f"the store {str(self.path)!r} is closed")
         if len(self._buffer) == 1:
             ds = self._buffer[0]
         else:
@@ -283,12 +443,15 @@ class RunStore:
                            compat="override", join="exact", combine_attrs="override")
         ds = ds.copy()
         ds.attrs = dict(self.attrs)
-        if not self._created:
+        if not self._has_data:
             for var in ds.variables.values():
                 var.encoding = {}
-            ds.to_zarr(self.path, mode="w-", encoding=self._encoding(ds), consolidated=True,
+            ds.to_zarr(self.path, mode="a", encoding=self._encoding(ds), consolidated=True,
                        zarr_format=2)
-            self._created = True
+            self._has_data = True
+            if self._replaced is not None:  # the new run holds a step: drop the old one
+                _remove(self._replaced)
+                self._replaced = None
         else:
             ds = ds.drop_vars([n for n, v in ds.variables.items() if "step" not in v.dims])
             for var in ds.variables.values():
@@ -300,19 +463,35 @@ class RunStore:
 
     def update_attrs(self, **attrs: Any) -> None:
         """Set run attributes (flushes first so they land in the store)."""
-        self.attrs.update(_clean_attrs(attrs))
-        self.flush()
-        if self._created:
-            import zarr
+        import zarr
 
-            group = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
-            group.attrs.update(self.attrs)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                zarr.consolidate_metadata(str(self.path), zarr_format=2)
+        self.attrs.update(clean_attrs(attrs))
+        self.flush()
+        group = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
+        group.attrs.update(self.attrs)
+        _consolidate(self.path)
+
+    def discard(self) -> None:
+        """Give up a store that holds no step yet: remove it, put back the run it replaced.
+
+        Used when a run fails before its first record; does nothing once a step is written
+        (then :meth:`close` marks the run incomplete instead).
+        """
+        if self._has_data or self._closed:
+            self.close(complete=False if not self._closed else None)
+            return
+        self._buffer.clear()
+        self._closed = True
+        try:
+            _remove(self.path)
+            if self._replaced is not None:
+                os.rename(self._replaced, self.path)
+                self._replaced = None
+        finally:
+            self._lock.release()
 
     def close(self, complete: bool | None = None) -> None:
-        """Flush; with ``complete`` set, also record it (``complete=1`` marks a finished run)."""
+        """Flush, record ``complete`` if given (1 marks a finished run) and release the lock."""
         if self._closed:
             return
         try:
@@ -322,250 +501,6 @@ class RunStore:
                 self.flush()
         finally:
             self._closed = True
-
-
-# --------------------------------------------------------------------------------------------
-# Reading, merging, exporting
-# --------------------------------------------------------------------------------------------
-
-
-def _netcdf_engine() -> str:
-    import importlib.util
-
-    if importlib.util.find_spec("netCDF4") is not None:
-        return "netcdf4"
-    if importlib.util.find_spec("h5netcdf") is not None and importlib.util.find_spec("h5py"):
-        return "h5netcdf"
-    raise ImportError("netCDF I/O needs the netCDF4 package (pip install netCDF4)")
-
-
-def _zarr_attrs(path: Path) -> dict:
-    for name in (".zattrs", "zarr.json"):
-        f = path / name
-        if f.is_file():
-            try:
-                meta = json.loads(f.read_text())
-            except (OSError, ValueError):
-                return {}
-            return meta.get("attributes", meta) if name == "zarr.json" else meta
-    return {}
-
-
-def _has_consolidated(path: Path) -> bool:
-    if (path / ".zmetadata").is_file():
-        return True
-    f = path / "zarr.json"
-    if f.is_file():
-        try:
-            return json.loads(f.read_text()).get("consolidated_metadata") is not None
-        except (OSError, ValueError):
-            return False
-    return False
-
-
-def open_run(path: str | PathLike, *, load: bool = True) -> xr.Dataset:
-    """Open one stored run (a zarr store or a netCDF file).
-
-    Only zarr and netCDF readers are used: nothing in the file is executed or unpickled.
-    A run killed while writing reopens with every step flushed before the kill.
-
-    Parameters
-    ----------
-    path : path
-        A zarr folder or a netCDF file.
-    load : bool
-        Read everything into memory and close the file (default); ``False`` keeps it lazy.
-
-    Raises
-    ------
-    FileNotFoundError
-        No run at ``path``.
-    ValueError
-        A run store that never finished its first write.
-    """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"no run at {str(p)!r}")
-    if p.is_file():
-        ds = xr.open_dataset(p, engine=_netcdf_engine(), decode_times=False)
-    else:
-        if not _is_zarr_dir(p):
-            raise FileNotFoundError(f"{str(p)!r} is a folder but not a zarr store")
-        if _has_consolidated(p):
-            ds = xr.open_zarr(p, consolidated=True, chunks=None, decode_times=False)
-        elif "sam_diagnostics_version" in _zarr_attrs(p):
-            raise ValueError(
-                f"{str(p)!r} holds no finished step: the run stopped before its first write "
-                "completed")
-        else:  # a store written by another tool without consolidated metadata
-            ds = xr.open_zarr(p, consolidated=False, chunks=None, decode_times=False)
-    if load:
-        ds = ds.load()
-        ds.close()
-    return ds
-
-
-def find_runs(path: str | PathLike) -> list[Path]:
-    """The runs at ``path``: itself if it is a run, else the zarr stores and netCDF files in it."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"no run or folder at {str(p)!r}")
-    if p.is_file() or _is_zarr_dir(p):
-        return [p]
-    runs = sorted(c for c in p.iterdir()
-                  if _is_zarr_dir(c) or c.is_file() and c.suffix in _NETCDF_SUFFIXES)
-    if not runs:
-        raise FileNotFoundError(f"no runs (zarr stores or netCDF files) in {str(p)!r}")
-    return runs
-
-
-def _run_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".zarr", *_NETCDF_SUFFIXES):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def merge_runs(
-    runs: str | PathLike | Iterable[str | PathLike | xr.Dataset],
-    *,
-    names: Sequence[str] | None = None,
-) -> xr.Dataset:
-    """Concatenate runs along a new ``run`` dimension, configuration as ``run`` coordinates.
-
-    Parameters
-    ----------
-    runs : path or iterable of paths / datasets
-        Stored runs (a folder means every run in it, see :func:`find_runs`) or datasets.
-    names : sequence of str, optional
-        Values of the ``run`` coordinate (default: the store names without suffix, or
-        ``run0, run1, ...`` for datasets).
-
-    Returns
-    -------
-    xarray.Dataset
-        dims ``run`` plus those of a run; ``step`` is the outer join of the runs' steps (NaN
-        where a run has no record). ``example`` becomes the position in each run's probe set
-        (runs with other seeds have other probe examples): the stable ids are in
-        ``example_id(run, example)``, with ``is_noisy``, ``label``, ``true_label`` also over
-        (run, example) (padding: id/labels -1, ``is_noisy`` False, data NaN) and ``epoch`` over
-        (run, step). The configuration (:data:`CONFIG_KEYS`: ``optimizer``, ``rho``, ``m``,
-        ``seed``, ``dataset``, ``model``, ``noise_rate``, ...) becomes ``run`` coordinates;
-        attrs keep what all runs share.
-    """
-    if isinstance(runs, (str, PathLike)):
-        runs = find_runs(runs)
-    items = list(runs)
-    if not items:
-        raise ValueError("merge_runs needs at least one run")
-    datasets, default_names = [], []
-    for i, item in enumerate(items):
-        if isinstance(item, xr.Dataset):
-            datasets.append(item)
-            default_names.append(f"run{i}")
-        else:
-            datasets.append(open_run(item))
-            default_names.append(_run_name(Path(item)))
-    if names is None:
-        seen: dict[str, int] = {}
-        names = []
-        for name in default_names:
-            count = seen.get(name, 0)
-            seen[name] = count + 1
-            names.append(name if count == 0 else f"{name}-{count}")
-    names = [str(n) for n in names]
-    if len(names) != len(datasets) or len(set(names)) != len(names):
-        raise ValueError("names must be unique, one per run")
-
-    keys = [k for k in CONFIG_KEYS if any(k in ds.attrs for ds in datasets)]
-    textual = {k for k in keys if any(isinstance(ds.attrs.get(k), str) for ds in datasets)}
-    prepared = []
-    for ds in datasets:
-        if "run" in ds.dims:
-            raise ValueError("merge_runs takes single runs; this dataset already has 'run'")
-        ds = ds.copy()
-        ds.attrs = {}
-        if "example" in ds.dims:
-            ids = ds["example"].values if "example" in ds.coords else np.arange(
-                ds.sizes["example"])
-            ds = ds.drop_vars("example", errors="ignore").assign_coords(
-                example=np.arange(ds.sizes["example"]), example_id=("example", ids))
-        for name in ("example_id", *_EXAMPLE_COORDS, "epoch"):
-            if name in ds.coords:
-                ds = ds.assign_coords({name: ds[name].variable.set_dims(
-                    ("run", *ds[name].dims))})
-        prepared.append(ds)
-
-    def config_value(ds: xr.Dataset, key: str):
-        value = ds.attrs.get(key)
-        if value is None:
-            return "" if key in textual else np.nan
-        return str(value) if key in textual else value
-
-    fill = {"example_id": -1, "label": -1, "true_label": -1, "is_noisy": False}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        merged = xr.concat(prepared, dim="run", data_vars="all",
-                           coords="different", compat="equals", join="outer",
-                           fill_value=fill | {v: np.nan for p in prepared for v in p.data_vars},
-                           combine_attrs="drop_conflicts")
-    merged = merged.assign_coords(run=("run", np.asarray(names, dtype=str)))
-    merged = merged.assign_coords(
-        {k: ("run", np.asarray([config_value(ds, k) for ds in datasets])) for k in keys})
-    common = {}
-    first = datasets[0].attrs
-    for key, value in first.items():
-        if key in keys:
-            continue
-        if all(key in ds.attrs and _same(ds.attrs[key], value) for ds in datasets[1:]):
-            common[key] = value
-    merged.attrs = common
-    return merged
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b) or (isinstance(a, float) and isinstance(b, float)
-                                and math.isnan(a) and math.isnan(b))
-    except Exception:
-        return False
-
-
-def to_netcdf(ds: xr.Dataset | str | PathLike, path: str | PathLike, *,
-              engine: str | None = None, overwrite: bool = False) -> Path:
-    """Export a run (or merged runs) to one netCDF-4 file that :func:`open_run` reopens equal.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset or path
-        The data, or a stored run to convert.
-    path : path
-        The ``.nc`` file to write.
-    engine : {"netcdf4", "h5netcdf"}, optional
-        Default: netCDF4 if installed.
-    overwrite : bool
-        Replace an existing file.
-
-    Returns
-    -------
-    pathlib.Path
-    """
-    if not isinstance(ds, xr.Dataset):
-        ds = open_run(ds)
-    out = Path(path).expanduser()
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{str(out)!r} already exists")
-        if out.is_dir():
-            raise FileExistsError(f"{str(out)!r} is a folder")
-        out.unlink()
-    ds = ds.copy()
-    ds.attrs = _clean_attrs(ds.attrs)
-    for var in ds.variables.values():
-        var.encoding = {}
-        var.attrs = _clean_attrs(var.attrs)
-    ds.to_netcdf(out, engine=engine or _netcdf_engine(), format="NETCDF4")
-    return out
-
-
+            if self._replaced is not None and self._has_data:
+                _remove(self._replaced)
+            self._lock.release()

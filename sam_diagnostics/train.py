@@ -27,14 +27,13 @@ import torch
 import xarray as xr
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from .data import DATASETS, NOISE_MODES, load_dataset
+from .data import NOISE_MODES, dataset_names, load_dataset
 from .models import MODELS, build_model
 from .record import Recorder
+from .schema import OPTIMIZER_NAMES, m_from_disk
+from .store import RunStore
 
 __all__ = ["ConfigError", "OPTIMIZER_NAMES", "TrainConfig", "train", "run_summary_line"]
-
-#: Names accepted by ``TrainConfig.optimizer`` (``sam_diagnostics.optim.OPTIMIZERS``).
-OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "sam", "lsam", "jsam", "regsgd")
 
 #: Fields that describe where/how a run executes, not what it computes: not stored as attrs
 #: and not compared when a sweep decides whether an existing run is the one asked for.
@@ -129,9 +128,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` (a ``ValueError``): one line about the first bad setting."""
-        if self.dataset not in DATASETS:
+        if self.dataset not in dataset_names():
             raise ConfigError(
-                f"unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+                f"unknown dataset {self.dataset!r}; choose from {', '.join(dataset_names())}")
         if self.model not in MODELS:
             raise ConfigError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         if self.optimizer not in OPTIMIZER_NAMES:
@@ -241,12 +240,14 @@ def train(
         What to run (validated first: a bad setting raises :class:`ConfigError`, a
         ``ValueError``, before any work).
     out : path, optional
-        The zarr store to stream the run to (must not exist unless ``overwrite``); ``None``
-        keeps the run in memory only.
+        The zarr store to stream the run to, created before the data are loaded: a path that
+        exists (without ``overwrite``), that another live process writes or that cannot be
+        written raises at once (``FileExistsError``, ``StoreLockedError``, ``OSError``).
+        ``None`` keeps the run in memory only.
     progress : bool
         Show a tqdm progress bar (on stderr).
     overwrite : bool
-        Replace an existing run at ``out``.
+        Replace an existing, finished or killed, run at ``out`` (never one being written).
     flush_every, flush_seconds : int, float
         Buffering of the store (see :class:`~sam_diagnostics.store.RunStore`).
 
@@ -256,9 +257,21 @@ def train(
         The recorded run (SPEC section 3), with attrs ``complete=1``.
     """
     cfg = _config(config).validate()
-    if out is not None and Path(out).expanduser().exists() and not overwrite:
-        raise FileExistsError(f"{str(out)!r} already exists; pass --overwrite (overwrite=True) "
-                              "to replace it")
+    if out is not None and not isinstance(out, (str, PathLike)):
+        raise TypeError(f"out must be a path or None, got {type(out).__name__}")
+    store = None
+    if out is not None:
+        store = RunStore(out, attrs=cfg.attrs(), overwrite=overwrite, flush_every=flush_every,
+                         flush_seconds=flush_seconds)
+    try:
+        return _train(cfg, store, progress)
+    except BaseException:
+        if store is not None:
+            store.discard()  # no step written: remove it (and put back a replaced run)
+        raise
+
+
+def _train(cfg: TrainConfig, store: RunStore | None, progress: bool) -> xr.Dataset:
     from tqdm.auto import tqdm
 
     from .optim import make_optimizer
@@ -275,7 +288,7 @@ def train(
                             seed=cfg.seed).to(device)
         stepper = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, rho=cfg.rho,
-                                 m=cfg.m if cfg.m > 0 else None, gamma_act=cfg.gamma_act,
+                                 m=m_from_disk(cfg.m), gamma_act=cfg.gamma_act,
                                  gamma_weight=cfg.gamma_weight)
     except ValueError as err:  # e.g. a model that does not fit the data's input shape
         raise ConfigError(str(err)) from err
@@ -289,13 +302,12 @@ def train(
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
-        rec = Recorder(model, out, probe=cfg.probe_size, train=splits.train, test=splits.test,
-                       val=splits.val, config=cfg.attrs(), every_epochs=cfg.record_every,
-                       every_steps=cfg.record_every_steps, steps_per_epoch=steps_per_epoch,
-                       rho=cfg.rho, m=cfg.m, probe_seed=cfg.seed,
-                       eval_batch_size=cfg.eval_batch_size, overwrite=overwrite,
-                       flush_every=flush_every, flush_seconds=flush_seconds,
-                       keep=out is None)
+        rec = Recorder(model, store, probe=cfg.probe_size, train=splits.train,
+                       test=splits.test, val=splits.val, config=cfg.attrs(),
+                       every_epochs=cfg.record_every, every_steps=cfg.record_every_steps,
+                       steps_per_epoch=steps_per_epoch, rho=cfg.rho, m=m_from_disk(cfg.m),
+                       probe_seed=cfg.seed, eval_batch_size=cfg.eval_batch_size,
+                       keep=store is None)
         bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not progress, unit="step",
                    desc=f"{cfg.optimizer} seed {cfg.seed}", dynamic_ncols=True, leave=True)
         try:

@@ -183,3 +183,93 @@ def test_sweep_is_resumable_and_summarized(tmp_path, capsys):
     pytest.importorskip("sam_diagnostics.plots")
     assert main(["plot", str(out), "--out", str(tmp_path / "figs")]) == 0
     assert (tmp_path / "figs" / "accuracy.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11: every bad case is one line and exit 2, never a traceback
+# --------------------------------------------------------------------------------------------
+
+
+def test_summary_on_non_runs_in_a_real_process(tmp_path):
+    (tmp_path / "empty.zarr").mkdir()
+    (tmp_path / "notes.nc").write_text("not netCDF")
+    env = {**ENV, "PYTHONPATH": os.getcwd()}
+    for target, match in (("empty.zarr", "empty folder"), ("notes.nc", "not a netCDF file")):
+        result = subprocess.run([sys.executable, "-m", "sam_diagnostics", "summary",
+                                 str(tmp_path / target)], capture_output=True, text=True,
+                                timeout=120, env=env)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "is not a run" in lines[0] and match in lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run.zarr"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("args, match", [
+    (["summary", "NOTES"], "not a run"),
+    (["summary", "EMPTY.zarr"], "empty folder"),
+    (["summary", "FOREIGN.zarr"], "no schema_version"),
+    (["plot", "NOTES", "--out", "figs"], "not a run"),
+    (["plot", "RUN", "--out", "NOTES"], "not a folder"),
+    (["summary", "RUN", "--csv", "MISSING/x.csv"], "does not exist"),
+    (["train", "--out", "NOTES/run.zarr"], "not a folder"),
+    (["train", "--out", "NOTES", "--overwrite"], "not a run store"),
+    (["train", "--out", "NOTES/x/run.zarr"], "not a directory"),
+    (["sweep", "--out", "NOTES"], "not a folder"),
+    (["validate", "MISSING"], "no run or folder"),
+])
+def test_wrong_on_purpose_one_line_exit_2(args, match, tmp_path, capsys, finished_run):
+    import xarray as xr
+
+    (tmp_path / "EMPTY.zarr").mkdir()
+    (tmp_path / "NOTES").write_text("notes")
+    xr.Dataset({"x": ("t", [1.0])}).to_zarr(tmp_path / "FOREIGN.zarr", zarr_format=2)
+
+    def path(a):
+        for key in ("NOTES", "EMPTY.zarr", "FOREIGN.zarr", "MISSING"):
+            if a.startswith(key):
+                return str(tmp_path / a)
+        return str(finished_run) if a == "RUN" else a
+
+    args = [path(a) for a in args]
+    if args[0] in ("train", "sweep"):
+        args += [*TINY, "--epochs", "1000"]
+    assert main(args) == 2
+    assert match in _error_line(capsys)
+    assert (tmp_path / "NOTES").read_text() == "notes"
+
+
+def test_validate_command(finished_run, tmp_path, capsys):
+    assert main(["validate", str(finished_run)]) == 0
+    out = capsys.readouterr().out
+    assert "ok (2 steps, complete)" in out
+    (tmp_path / "notes.nc").write_text("x")
+    assert main(["validate", str(finished_run), str(tmp_path / "notes.nc")]) == 1
+    assert "INVALID" in capsys.readouterr().out
+
+
+def test_sweep_leaves_a_run_that_another_writer_holds(tmp_path, capsys):
+    from sam_diagnostics.store import RunStore
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    held = RunStore(out / "sgd-seed0.zarr")  # another writer (a second lock holder)
+    try:
+        assert main(["sweep", *TINY, "--epochs", "1", "--optimizers", "sgd", "--seeds", "0-1",
+                     "--out", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert f"sgd-seed0.zarr: being written by pid {os.getpid()}" in text
+        assert "2 runs, 1 already done, 1 to run" in text
+        assert open_run(out / "sgd-seed1.zarr").attrs["complete"] == 1
+        # the summary skips the store that holds no step yet, with a note on stderr
+        assert main(["summary", str(out)]) == 0
+        captured = capsys.readouterr()
+        assert "sgd-seed1" in captured.out and "skipped" in captured.err
+    finally:
+        held.discard()

@@ -12,7 +12,9 @@ import zarr
 from sam_diagnostics.data import load_dataset
 from sam_diagnostics.models import build_model
 from sam_diagnostics.record import Recorder
-from sam_diagnostics.store import CONFIG_KEYS, RunStore, merge_runs, open_run, to_netcdf
+from sam_diagnostics.runs import NotARunError, merge_runs, open_run, to_netcdf
+from sam_diagnostics.schema import CONFIG_KEYS
+from sam_diagnostics.store import RunStore
 from sam_diagnostics.summary import group_summary, summary_table
 
 PER_EXAMPLE = {
@@ -144,17 +146,20 @@ def test_buffered_appends_and_chunking(splits, tmp_path):
         rec.step()
         rec.epoch_end()
 
-    assert not path.exists()  # step 0 is buffered
+    # the first record is written at once: the store is never empty once recording began
+    assert rec.store.steps_written == 1
+    assert open_run(path, warn=False).sizes["step"] == 1
     epoch()
-    assert not path.exists()
-    epoch()  # third record: one append
-    assert rec.store.steps_written == 3
-    assert open_run(path).sizes["step"] == 3
-    for _ in range(3):
+    epoch()
+    assert rec.store.steps_written == 1 and len(rec.store) == 3
+    epoch()  # third buffered record: one append
+    assert rec.store.steps_written == 4
+    assert open_run(path, warn=False).sizes["step"] == 4
+    for _ in range(2):
         epoch()
-    assert rec.store.steps_written == 6 and open_run(path).sizes["step"] == 6
+    assert rec.store.steps_written == 4 and open_run(path, warn=False).sizes["step"] == 4
     epoch()
-    assert len(rec.store) == 7 and open_run(path).sizes["step"] == 6
+    assert rec.store.steps_written == 7 and open_run(path, warn=False).sizes["step"] == 7
     rec.epoch_end()  # no step since the last record: nothing new to record
     assert len(rec.store) == 7
     rec.close()
@@ -224,7 +229,7 @@ def test_open_run_never_unpickles(tmp_path):
     with pytest.raises(FileNotFoundError):
         open_run(tmp_path / "missing.zarr")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a zarr store"):
+    with pytest.raises(NotARunError, match="empty folder"):
         open_run(tmp_path / "folder")
 
 
@@ -326,3 +331,67 @@ def test_probe_slices_and_divergence(splits):
         ds = rec.record()  # a diverged model is recorded as NaN, training is not stopped
     assert np.isnan(ds["loss"].values).all()
     assert float(ds["test_accuracy"][0]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# issue 11: any map-style data set; bad inputs raise before anything is created or changed
+# --------------------------------------------------------------------------------------------
+
+
+def test_recorder_takes_plain_tensor_datasets(splits, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    model = build_model("mlp", splits.input_shape, splits.num_classes, width=16, seed=0)
+    x, y = splits.train.inputs, splits.train.labels
+    plain = TensorDataset(x, y)  # (x, y) items: ids are positions, no noise information
+    rec = Recorder(model, tmp_path / "plain.zarr", probe=12, train=plain,
+                   test=TensorDataset(splits.test.inputs, splits.test.labels))
+    rec.close()
+    ds = open_run(tmp_path / "plain.zarr")
+    assert ds.sizes["example"] == 12 and set(ds["example"].values) <= set(range(len(y)))
+    assert not ds["is_noisy"].values.any() and (ds["true_label"].values == -1).all()
+    assert "clean_train_accuracy" not in ds and "noisy_train_accuracy" not in ds
+    assert np.isfinite(ds["train_accuracy"].values).all()
+    ids = splits.train.example_ids
+    with_ids = TensorDataset(x, y, ids)  # (x, y, id) items plus the masks as arguments
+    rec = Recorder(model, None, probe=12, train=with_ids, noise_mask=splits.train.is_noisy,
+                   true_labels=splits.train.true_labels)
+    ds = rec.dataset()
+    assert set(ds["example"].values) <= set(ids.tolist())
+    assert ds["is_noisy"].values.any() and (ds["true_label"].values >= 0).all()
+    assert np.isfinite(ds["noisy_train_accuracy"].values).all()
+    # the same probe set as with the NoisyDataset itself
+    same = Recorder(model, None, probe=12, train=splits.train).dataset()
+    np.testing.assert_array_equal(ds["example"].values, same["example"].values)
+    np.testing.assert_array_equal(ds["loss"].values, same["loss"].values)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(model="not a model"), TypeError, "torch.nn.Module"),
+    (dict(probe=0), ValueError, "probe size"),
+    (dict(probe=-3), ValueError, "probe size"),
+    (dict(probe=None), TypeError, "probe"),
+    (dict(train=[1, 2, 3]), TypeError, r"\(x, y\)"),
+    (dict(train=object()), TypeError, "map-style"),
+    (dict(m=-1), ValueError, "m must be"),
+    (dict(m=1.5), ValueError, "m must be"),
+    (dict(rho=float("inf")), ValueError, "rho"),
+    (dict(every_steps=1.5), ValueError, "every_steps"),
+    (dict(eval_batch_size=0), ValueError, "eval_batch_size"),
+    (dict(config=[("rho", 1)]), TypeError, "config"),
+    (dict(out=3), TypeError, "out must be"),
+    (dict(noise_mask=[True]), ValueError, "noise_mask|is_noisy"),
+])
+def test_bad_recorder_inputs_raise_before_any_state_change(splits, tmp_path, kwargs, error,
+                                                           match):
+    model = build_model("mlp", splits.input_shape, splits.num_classes, width=16, seed=0)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    args = dict(model=model, out=tmp_path / "run.zarr", probe=8, train=splits.train)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        Recorder(args.pop("model"), args.pop("out"), **args)
+    assert list(tmp_path.iterdir()) == []  # no store, no lock
+    assert model.training and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,5 +1,7 @@
 """The instrumented training loop (`train`, `TrainConfig`) and the Lightning callback."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -141,3 +143,37 @@ def test_lightning_callback(tmp_path):
     assert ds.attrs["complete"] == 1 and ds.attrs["optimizer"] == "sgd"
     assert np.isfinite(ds["batch_loss"].values[1:]).all()
     assert np.isfinite(ds["logit_scale"].values).all()
+
+
+def test_the_store_is_taken_before_the_data_are_loaded(tmp_path, monkeypatch):
+    train_module = sys.modules["sam_diagnostics.train"]
+    from sam_diagnostics.store import RunStore, StoreLockedError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data were loaded before the output was checked")
+
+    monkeypatch.setattr(train_module, "load_dataset", never)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        train(TrainConfig(**TINY), tmp_path / "file" / "run.zarr", progress=False)
+    held = RunStore(tmp_path / "busy.zarr")
+    try:
+        with pytest.raises(StoreLockedError, match="being written by another process"):
+            train(TrainConfig(**TINY), tmp_path / "busy.zarr", progress=False, overwrite=True)
+    finally:
+        held.discard()
+    with pytest.raises(TypeError, match="out must be a path"):
+        train(TrainConfig(**TINY), 42, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_failed_start_leaves_no_empty_store(tmp_path, monkeypatch):
+    train_module = sys.modules["sam_diagnostics.train"]
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot read the data")
+
+    monkeypatch.setattr(train_module, "load_dataset", broken)
+    with pytest.raises(ConfigError, match="cannot read the data"):
+        train(TrainConfig(**TINY), tmp_path / "run.zarr", progress=False)
+    assert list(tmp_path.iterdir()) == []
