@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from . import accessor as _accessor  # noqa: F401 - registers the ``ds.sd`` accessor
+from . import live
 from .jacobian import grad_norms, jacobian_norms
 from .logit_terms import logit_scale, logit_term, margin, per_example_loss
 from .optim import SAM, RegularizedSGD, SGDStep, make_optimizer
@@ -14,6 +16,7 @@ from .train import TrainConfig, train
 
 __all__ = [
     "__version__",
+    "live",
     "grad_norms",
     "jacobian_norms",
     "logit_scale",

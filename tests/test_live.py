@@ -64,6 +64,7 @@ def test_summary_of_a_probe_measurement_and_rejections(run):
 
 
 def test_tensorboard_event_file_reads_back(run, tmp_path):
+    pytest.importorskip("tensorboard")  # the [hf] extra
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sink = TensorBoardSink(tmp_path / "tb")
