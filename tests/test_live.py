@@ -107,3 +107,54 @@ def test_callable_sinks_prefix_and_failures(run):
     with pytest.raises(TypeError):
         as_sinks(3)
     close_sinks(sinks)  # sinks without close/flush are fine
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+def test_lightning_callback_mirrors_live_scalars(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.loggers.logger import Logger
+    from torch.utils.data import DataLoader
+
+    from sam_diagnostics.integrations.lightning import DiagnosticsCallback
+    from sam_diagnostics.models import build_model
+
+    splits = tiny_splits()
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = build_model("mlp", splits.input_shape, 10, width=16, seed=0)
+
+        def forward(self, x):
+            return self.model(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y, _ = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    class Capture(Logger):
+        name, version = "capture", 0
+        metrics: list = []
+
+        def log_metrics(self, metrics, step=None):
+            self.metrics.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    seen = []
+    logger = Capture()
+    callback = DiagnosticsCallback(None, probe=16, train=splits.train, test=splits.test,
+                                   model_attr="model", live=lambda s, step: seen.append(step))
+    trainer = pl.Trainer(max_epochs=2, callbacks=[callback], accelerator="cpu", logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Module(), DataLoader(splits.train, batch_size=64, shuffle=True))
+    steps = callback.dataset["step"].values.tolist()
+    assert seen == steps
+    ours = [(step, m) for step, m in logger.metrics if "sd/accuracy/test" in m]
+    assert [step for step, _ in ours] == steps
+    assert all(k.startswith("sd/") and math.isfinite(v) for _, m in ours for k, v in m.items())
