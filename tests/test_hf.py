@@ -222,3 +222,21 @@ def test_unwrap_model():
     model = bert()
     assert unwrap_model(nn.DataParallel(model)) is model
     assert unwrap_model(model) is model
+
+
+def test_recording_does_not_change_training(tmp_path):
+    """Same seed with and without the callback: bit-identical weights after training."""
+    finals = []
+    for with_callback in (False, True):
+        torch.manual_seed(0)
+        model = bert()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"t{with_callback}"), num_train_epochs=1,
+            per_device_train_batch_size=8, learning_rate=3e-3, save_strategy="no",
+            report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+        callbacks = [DiagnosticsCallback(None, probe=8, every_steps=2)] if with_callback else []
+        Trainer(model=model, args=args, train_dataset=examples(32, 0), data_collator=collate,
+                callbacks=callbacks).train()
+        finals.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for name, value in finals[0].items():
+        assert torch.equal(value, finals[1][name]), name
