@@ -240,3 +240,44 @@ def test_recording_does_not_change_training(tmp_path):
         finals.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     for name, value in finals[0].items():
         assert torch.equal(value, finals[1][name]), name
+
+
+def test_sam_trainer_step_is_the_sam_update(tmp_path):
+    """One SGD step of SAMTrainer = w - lr ∇L(w + ρ ∇L(w)/‖∇L(w)‖), computed by hand."""
+    from sam_diagnostics.integrations.hf import SAMTrainer
+
+    def make():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=16, num_labels=C, pad_token_id=0,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    train, rho, lr = examples(8, 0), 0.05, 0.1
+    model = make()
+    reference = make()
+    cb = DiagnosticsCallback(None, probe=8, every_steps=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "t"), max_steps=1, per_device_train_batch_size=8,
+        learning_rate=lr, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+        weight_decay=0.0, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, seed=0)
+    SAMTrainer(model=model, args=args, rho=rho, train_dataset=train, data_collator=collate,
+               callbacks=[cb]).train()
+
+    batch = collate(train)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    g = torch.autograd.grad(reference(**batch).loss, params)
+    norm = torch.sqrt(sum(v.pow(2).sum() for v in g))
+    with torch.no_grad():
+        for p, v in zip(params, g):
+            p.add_(rho * v / norm)
+    g2 = torch.autograd.grad(reference(**batch).loss, params)
+    with torch.no_grad():
+        for p, v, v2 in zip(params, g, g2):
+            p.sub_(rho * v / norm + lr * v2)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    ds = cb.dataset
+    assert ds.attrs["optimizer"] == "sam" and ds.attrs["rho"] == rho
+    assert ds["step"].values.tolist() == [0, 1]

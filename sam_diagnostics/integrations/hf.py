@@ -40,8 +40,9 @@ Steps follow ``state.global_step`` (optimizer steps: gradient accumulation count
 records are made on the Recorder's schedule (``every_epochs`` / ``every_steps``) and at the
 end of training. ``batch_loss`` is not recorded (the Trainer does not hand its minibatch losses
 to callbacks; its own ``loss`` log has them). Only the world-process-zero records. The
-Trainer's own optimizer steps; a SAM-family step inside the Trainer is not provided here (use
-:class:`~sam_diagnostics.SAM` in a plain loop, see the examples).
+Trainer's own optimizer steps; :class:`SAMTrainer` makes its gradient batch SAM's (per
+micro-batch); the per-example variants (1-SAM, L-SAM, J-SAM) are :class:`~sam_diagnostics.SAM`'s
+in a plain loop.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 try:
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
         "sam_diagnostics.integrations.hf needs transformers: pip install 'sam-diagnostics[hf]'"
@@ -62,10 +63,12 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from ..data import NoisyDataset
 from ..live import CallbackSink, as_sinks, close_sinks, log_record
+from ..perturb import perturbed
 from ..record import Recorder
 from ..store import RunStore
 
-__all__ = ["DiagnosticsCallback", "TextClassifier", "pack_examples", "unwrap_model"]
+__all__ = ["DiagnosticsCallback", "SAMTrainer", "TextClassifier", "pack_examples",
+           "unwrap_model"]
 
 DEFAULT_KEYS = ("input_ids", "attention_mask")
 _MAX_EXACT_ID = 2**24  # integers up to this are exact in float32 (NoisyDataset's input dtype)
@@ -435,3 +438,62 @@ class DiagnosticsCallback(TrainerCallback):
     def dataset(self):
         """The recorded run (``None`` before training started)."""
         return None if self.recorder is None else self.recorder.dataset()
+
+
+# --------------------------------------------------------------------------------------------
+# A SAM step inside the Trainer
+# --------------------------------------------------------------------------------------------
+
+
+class SAMTrainer(Trainer):
+    """``transformers.Trainer`` whose gradient is SAM's: ``∇L_B(w + ε)``, ``ε = ρ ∇L_B / ‖∇L_B‖``.
+
+    Batch SAM per micro-batch (m = the per-device batch; with gradient accumulation, one ε per
+    micro-batch, i.e. m-sharpness with m = ``per_device_train_batch_size``; under DDP one per
+    replica). Each micro-batch costs two forward and two backward passes: the first gradient is
+    taken with ``torch.autograd.grad`` (``.grad`` is not touched), the second is the Trainer's
+    own ``training_step`` at ``w + ε`` (mixed precision, loss scaling and gradient accumulation
+    as usual), and ``w`` is restored bit-exactly (:func:`~sam_diagnostics.perturbed`) before
+    the Trainer's optimizer steps. The logged ``loss`` is the one at ``w + ε``. The per-example
+    variants (1-SAM, L-SAM, J-SAM) need the per-example machinery of
+    :class:`~sam_diagnostics.SAM`, which takes tensor inputs: use it in a plain loop.
+
+    Parameters
+    ----------
+    rho : float
+        Perturbation radius.
+    *args, **kwargs
+        Everything ``transformers.Trainer`` takes.
+
+    Examples
+    --------
+    ::
+
+        trainer = SAMTrainer(model, args, rho=0.05, train_dataset=train, callbacks=[callback])
+        trainer.train()
+    """
+
+    def __init__(self, *args: Any, rho: float = 0.05, **kwargs: Any):
+        if not rho >= 0:
+            raise ValueError(f"rho must be >= 0, got {rho!r}")
+        super().__init__(*args, **kwargs)
+        self.rho = float(rho)
+        for cb in self.callback_handler.callbacks:  # the run's configuration, unless given
+            if isinstance(cb, DiagnosticsCallback):
+                cb.config.setdefault("optimizer", "sam")
+                cb.config.setdefault("rho", self.rho)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        inner = unwrap_model(model)
+        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+        model.train()
+        prepared = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, prepared)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for (_, p), g in zip(named, grads)]
+        norm = torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads))
+        scale = self.rho / norm if norm > 0 else 0.0
+        eps = {n: (g.detach() * scale).to(p.dtype) for (n, p), g in zip(named, grads)}
+        with perturbed(inner, eps):
+            return super().training_step(model, inputs, *args, **kwargs)
