@@ -214,6 +214,7 @@ def test_trainer_callback_on_gpt2_models(tmp_path, make):
     assert cb.recorder.probe.head == ("model.lm.lm_head" if make is Verbalizer else "model.score")
     ds = cb.dataset
     assert ds["step"].values.tolist() == [0, 4, 6]
+    assert ds["epoch"].values.tolist() == pytest.approx([0.0, 4 / 6, 1.0])  # 6 steps/epoch
     for name in (*PER_EXAMPLE, "test_accuracy", "last_layer_weight_norm"):
         assert np.isfinite(ds[name].values).all(), name
 

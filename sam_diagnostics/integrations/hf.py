@@ -36,11 +36,12 @@ therefore
   ``output.logits``. Its parameters are the model's own: module names in the store carry a
   ``model.`` prefix.
 
-Steps follow ``state.global_step`` (optimizer steps: gradient accumulation counts right);
-records are made on the Recorder's schedule (``every_epochs`` / ``every_steps``) and at the
-end of training. ``batch_loss`` is not recorded (the Trainer does not hand its minibatch losses
-to callbacks; its own ``loss`` log has them). Only the world-process-zero records. The
-Trainer's own optimizer steps; :class:`SAMTrainer` makes its gradient batch SAM's (per
+Steps follow ``state.global_step`` (optimizer steps: gradient accumulation counts right) and
+``epoch`` is fractional between epoch ends, as the Trainer counts them; records are made on the
+Recorder's schedule (``every_epochs`` / ``every_steps``) and at the end of training.
+``batch_loss`` is not recorded (the Trainer does not hand its minibatch losses to callbacks;
+its own ``loss`` log has them). Only the world-process-zero records. The Trainer's own
+optimizer steps; :class:`SAMTrainer` makes its gradient batch SAM's (per
 micro-batch); the per-example variants (1-SAM, L-SAM, J-SAM) are :class:`~sam_diagnostics.SAM`'s
 in a plain loop.
 """
@@ -276,6 +277,16 @@ def pack_examples(examples: Any, *, keys: Sequence[str] = DEFAULT_KEYS,
 # --------------------------------------------------------------------------------------------
 
 
+def _steps_per_epoch(loader: Any, args: Any) -> int | None:
+    """Optimizer steps per epoch, as the Trainer counts them (None for iterable loaders)."""
+    try:
+        n = len(loader)
+    except TypeError:
+        return None
+    ga = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    return max(n // ga + int(n % ga > 0), 1)
+
+
 def _collate_fn(loader: Any) -> Callable | None:
     fn = getattr(loader, "collate_fn", None)
     # transformers wraps the collator to drop unused columns; the wrapped one pads the same way
@@ -391,6 +402,8 @@ class DiagnosticsCallback(TrainerCallback):
         self.classifier = TextClassifier(model, self.keys, output_fn=self.output_fn)
         options = dict(self.options)
         options.setdefault("eval_batch_size", getattr(args, "per_device_eval_batch_size", 64))
+        if "steps_per_epoch" not in options:  # fractional epochs for step-scheduled records
+            options["steps_per_epoch"] = _steps_per_epoch(train_dataloader, args)
         self.recorder = Recorder(
             self.classifier, self.out, probe, train=packed["train"], test=packed["test"],
             val=packed["val"], config={**self._default_config(args, model), **self.config},
@@ -420,9 +433,12 @@ class DiagnosticsCallback(TrainerCallback):
             self._emit(rec.step())
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self._active(state):
-            self.on_step_end(args, state, control)
-            self._emit(self.recorder.epoch_end())
+        if not self._active(state):
+            return
+        self.on_step_end(args, state, control)  # may already have ended the epoch
+        rec = self.recorder
+        while rec.epochs_done < round(state.epoch or 0):
+            self._emit(rec.epoch_end())
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self._active(state):
