@@ -1,5 +1,7 @@
 """sam_diagnostics: per-example diagnostics and optimizers for SAM under label noise."""
 
+from . import accessor as _accessor  # noqa: F401 - registers the ``ds.sd`` accessor
+from . import live
 from ._version import __version__
 from .engine import Engine
 from .errors import NonFiniteError, Unsupported
@@ -19,6 +21,7 @@ __all__ = [
     "NonFiniteError",
     "Unsupported",
     "epsilon",
+    "live",
     "grad_norms",
     "jacobian_norms",
     "logit_scale",

@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[dev,lightning]"
-python -m ruff check sam_diagnostics analyses benchmarks tests
+python -m pip install -q -e ".[dev,lightning,hf]"
+python -m ruff check sam_diagnostics analyses sd_benchmarks examples scripts tests
 python -m pytest tests -p no:cacheprovider

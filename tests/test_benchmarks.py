@@ -7,21 +7,17 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# opacus installs a top-level package also called ``benchmarks``: make sure ours is imported
-if str(ROOT) in sys.path:
-    sys.path.remove(str(ROOT))
-sys.path.insert(0, str(ROOT))
-if "benchmarks" in sys.modules and not str(
-        getattr(sys.modules["benchmarks"], "__file__", "")).startswith(str(ROOT)):
-    for name in [n for n in sys.modules if n == "benchmarks" or n.startswith("benchmarks.")]:
-        del sys.modules[name]
+# ours is ``sd_benchmarks``: opacus installs a top-level ``benchmarks`` package into
+# site-packages, which shadowed the old name unless run from the repository root
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import sam_diagnostics as sd  # noqa: E402
-from benchmarks import run  # noqa: E402
-from benchmarks.bench_norms import naive_grad_norms, naive_jacobian_norms  # noqa: E402
-from benchmarks.models import CONFIGS  # noqa: E402
-from benchmarks.timing import child_peak_rss, interleaved  # noqa: E402
 from sam_diagnostics.plan import make_plan  # noqa: E402
+from sd_benchmarks import run  # noqa: E402
+from sd_benchmarks.bench_norms import naive_grad_norms, naive_jacobian_norms  # noqa: E402
+from sd_benchmarks.models import CONFIGS  # noqa: E402
+from sd_benchmarks.timing import child_peak_rss, interleaved  # noqa: E402
 
 
 def test_quick_run_writes_every_section(tmp_path, capsys):
@@ -105,7 +101,7 @@ def test_memory_child_reports_a_number():
 
 
 def test_recording_overhead_script_runs():
-    from benchmarks import recording_overhead
+    from sd_benchmarks import recording_overhead
 
     out = recording_overhead.main(["--epochs", "1", "--reps", "1"])
     assert set(out) == {0, 10} and all(t > 0 for t in out.values())

@@ -1,6 +1,6 @@
 """Recording overhead of a default ``sam-diagnostics train`` run (issue 6's target: ≤ 10 %).
 
-    python -m benchmarks.recording_overhead [--epochs 200] [--reps 2]
+    python -m sd_benchmarks.recording_overhead [--epochs 200] [--reps 2]
 
 Trains the default configuration (MNIST-1D, MLP, SGD) with the default schedule (a record every
 10 epochs) and with records only at the start and the end (``record_every=0``), interleaved,

@@ -27,7 +27,8 @@ class Case:
     ``make()`` does the setup (model copies, optimizers, wrappers) and returns the zero-argument
     callable that is timed. ``scale`` multiplies the measured time (linear extrapolation from a
     sub-batch: ``scale = B / sub_batch``); ``note`` says so. ``targets`` are checked by
-    :func:`benchmarks.run.check_targets`: ``("ratio", x)`` = ratio to the group's baseline ``<= x``,
+    :func:`sd_benchmarks.run.check_targets`: ``("ratio", x)`` = ratio to the group's baseline
+    ``<= x``,
     ``("faster", name)`` = median below that case's.
     """
 
@@ -110,7 +111,7 @@ def child_peak_rss(section: str, model: str, method: str, threads: int, quick: b
                    timeout: float = 600) -> tuple[float | None, str]:
     """Run one method once in a fresh interpreter; its peak-RSS increase over the RSS after
     setup (model, data, wrappers built), in MiB, or ``(None, reason)``."""
-    cmd = [sys.executable, "-m", "benchmarks.run", "--child", section, model, method,
+    cmd = [sys.executable, "-m", "sd_benchmarks.run", "--child", section, model, method,
            "--threads", str(threads)] + (["--quick"] if quick else [])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:

@@ -1,4 +1,0 @@
-"""Benchmarks of sam_diagnostics: per-example norms, optimizer steps and probes.
-
-Run ``python -m benchmarks.run`` (``--quick`` for a fast smoke run, ``--help`` for options).
-"""
