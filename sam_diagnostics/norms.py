@@ -15,12 +15,14 @@ from .errors import NonFiniteError
 __all__ = ["find_head", "weight_norms", "resolve_layers"]
 
 
+#: autograd nodes that only select or reshape (no arithmetic): the logits may be the head's
+#: output through these (``out[:, 0]``, GPT-2's last-token ``logits[arange(B), lengths]``)
 _VIEW_NODES = ("View", "Reshape", "Squeeze", "Unsqueeze", "Select", "Slice", "Clone",
-               "Expand", "Alias", "Contiguous", "ToCopy")
+               "Expand", "Alias", "Contiguous", "ToCopy", "Index", "Gather")
 
 
 def _is_output_of(logits: Tensor, out: Tensor) -> bool:
-    """Whether ``logits`` is ``out`` up to views / reshapes (no computation in between)."""
+    """Whether ``logits`` is ``out`` up to views, reshapes and selections (no arithmetic)."""
     if out.grad_fn is None or logits.grad_fn is None:
         return logits.numel() == out.numel() and torch.equal(logits.reshape(-1), out.reshape(-1))
     node = logits.grad_fn

@@ -28,7 +28,7 @@ from sam_diagnostics.integrations.hf import (  # noqa: E402
     pack_examples,
     unwrap_model,
 )
-from sam_diagnostics.store import open_run  # noqa: E402
+from sam_diagnostics import open_run  # noqa: E402
 
 VOCAB, C = 40, 3
 PER_EXAMPLE = ("loss", "margin", "logit_scale", "jacobian_norm", "grad_norm", "activation_norm")
