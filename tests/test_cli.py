@@ -30,7 +30,7 @@ def _error_line(capsys) -> str:
 def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "sweep", "summary", "plot"):
+    for command in ("train", "sweep", "summary", "plot", "validate"):
         assert command in out
     assert main([]) == 2  # no command: help on stderr, status 2
 
