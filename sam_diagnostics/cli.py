@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="sam-diagnostics",
         description="Per-example diagnostics of SAM under label noise: train instrumented "
-        "runs, sweep optimizers x seeds, summarize and plot them.",
+        "runs, sweep optimizers x seeds, summarize, plot and validate them.",
         epilog="Run 'sam-diagnostics COMMAND --help' for the options of a command.",
     )
     from ._version import __version__

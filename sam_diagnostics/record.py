@@ -145,6 +145,12 @@ class Recorder:
         ds = open_run("run.zarr")
 
     ``with Recorder(...) as rec:`` closes it too, marking the run incomplete on an exception.
+
+    Any map-style data set works; without ids, noise mask or true labels the stored ids are
+    positions, ``is_noisy`` is all False and ``true_label`` is -1::
+
+        rec = Recorder(model, "run.zarr", probe=128, train=TensorDataset(x, y),
+                       noise_mask=flipped)  # optional: enables clean/noisy accuracies
     """
 
     def __init__(

@@ -79,6 +79,12 @@ def _has_consolidated(path: Path) -> bool:
     return False
 
 
+def _as_path(path: Any, what: str = "path") -> Path:
+    if not isinstance(path, (str, PathLike)):
+        raise TypeError(f"{what} must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path).expanduser()
+
+
 def schema_version(attrs: dict) -> int:
     """The schema version of a run's attributes; raises :class:`NotARunError` if not a run."""
     if "schema_version" in attrs:
@@ -138,7 +144,7 @@ def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> x
     >>> ds["test_accuracy"].attrs["units"]  # doctest: +SKIP
     '1'
     """
-    p = Path(path).expanduser()
+    p = _as_path(path)
     if not p.exists():
         raise FileNotFoundError(f"no run at {str(p)!r}")
     if p.is_file():
@@ -163,6 +169,11 @@ def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> x
     except NotARunError as err:
         ds.close()
         raise NotARunError(f"{str(p)!r} is not a run: {err}") from None
+    wrong = _dim_problems(ds)
+    if wrong:
+        ds.close()
+        raise NotARunError(f"{str(p)!r} does not follow the run schema: {wrong[0]} "
+                           "(check it with sam-diagnostics validate)")
     if not ds.data_vars or "step" not in ds.dims:
         ds.close()
         writer = read_lock(p)
@@ -180,6 +191,17 @@ def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> x
 # --------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------
+
+
+def _dim_problems(ds: xr.Dataset) -> list[str]:
+    """Schema variables whose dimensions (apart from ``run``) differ from the schema's."""
+    problems = []
+    for vname, var in ds.data_vars.items():
+        entry = VARIABLES.get(vname)
+        dims = tuple(d for d in var.dims if d != "run")
+        if entry is not None and dims != entry.dims:
+            problems.append(f"{vname!r} has dims {dims}, the schema says {entry.dims}")
+    return problems
 
 
 @dataclass
@@ -229,7 +251,7 @@ def validate_run(path: str | PathLike | xr.Dataset) -> Validation:
     >>> v.ok, v.problems  # doctest: +SKIP
     (True, [])
     """
-    name = "<dataset>" if isinstance(path, xr.Dataset) else str(path)
+    name = "<dataset>" if isinstance(path, xr.Dataset) else str(_as_path(path))
     result = Validation(name)
     if isinstance(path, xr.Dataset):
         ds = path
@@ -258,15 +280,11 @@ def validate_run(path: str | PathLike | xr.Dataset) -> Validation:
         missing = [a for a in ("long_name", "units") if a not in var.attrs]
         if missing and vname not in ("run", "example_id", *CONFIG_KEYS):
             result.problems.append(f"{vname!r} has no {' or '.join(missing)}")
+    result.problems.extend(_dim_problems(ds))
     for vname, var in ds.data_vars.items():
-        entry = VARIABLES.get(vname)
-        if entry is None:
+        if vname not in VARIABLES:
             result.notes.append(f"{vname!r} is not a schema variable")
-            continue
-        dims = tuple(d for d in var.dims if d != "run")
-        if dims != entry.dims:
-            result.problems.append(f"{vname!r} has dims {dims}, the schema says {entry.dims}")
-        if not np.issubdtype(var.dtype, np.floating):
+        elif not np.issubdtype(var.dtype, np.floating):
             result.problems.append(f"{vname!r} has dtype {var.dtype}, expected floating point")
     for cname in ("step", "epoch"):
         if "step" in ds.dims and cname not in ds.coords:
@@ -372,7 +390,7 @@ def merge_runs(
             datasets.append(item)
             default_names.append(f"run{i}")
         else:
-            datasets.append(open_run(item, warn=False))
+            datasets.append(open_run(_as_path(item, "each run"), warn=False))
             default_names.append(run_label(item))
     if names is None:
         seen: dict[str, int] = {}
@@ -469,7 +487,10 @@ def to_netcdf(ds: xr.Dataset | str | PathLike, path: str | PathLike, *,
     """
     if not isinstance(ds, xr.Dataset):
         ds = open_run(ds, warn=False)
-    out = Path(path).expanduser()
+    out = _as_path(path)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(out)!r}: the folder {str(out.parent)!r} "
+                                "does not exist")
     if out.exists():
         if not overwrite:
             raise FileExistsError(f"{str(out)!r} already exists")

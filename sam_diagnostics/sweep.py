@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from .runs import EmptyRunError, NotARunError, open_run
-from .store import read_lock
+from .store import StoreLockedError, read_lock
 from .train import ConfigError, TrainConfig
 
 __all__ = ["run_filename", "plan_sweep", "pending_runs", "run_sweep"]
@@ -139,8 +139,8 @@ def run_sweep(todo: Sequence[tuple[TrainConfig, Path]], *, jobs: int = 1,
               echo: Callable[[str], None] = print) -> list[Path]:
     """Run ``todo`` (``jobs`` processes); print one line per run; return the failed paths.
 
-    A run that fails (its store taken by another process meanwhile, a full disk, ...) is
-    reported in one line and the others go on.
+    A run that fails (a full disk, ...) is reported in one line and the others go on; a run
+    another process started meanwhile (e.g. a second sweep of the same folder) is left to it.
 
     Examples
     --------
@@ -152,6 +152,8 @@ def run_sweep(todo: Sequence[tuple[TrainConfig, Path]], *, jobs: int = 1,
         for i, (cfg, path) in enumerate(todo, 1):
             try:
                 line = _worker(dataclasses.asdict(cfg), str(path), None, flush_every, progress)
+            except StoreLockedError as err:
+                line = f"{path}: skipped: {' '.join(str(err).split())}"
             except expected as err:
                 line = _failure(path, err)
                 failed.append(path)
@@ -164,6 +166,8 @@ def run_sweep(todo: Sequence[tuple[TrainConfig, Path]], *, jobs: int = 1,
         for i, future in enumerate(as_completed(futures), 1):
             try:
                 line = future.result()
+            except StoreLockedError as err:
+                line = f"{futures[future]}: skipped: {' '.join(str(err).split())}"
             except expected as err:
                 line = _failure(futures[future], err)
                 failed.append(futures[future])

@@ -30,7 +30,7 @@ def _error_line(capsys) -> str:
 def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "sweep", "summary", "plot"):
+    for command in ("train", "sweep", "summary", "plot", "validate"):
         assert command in out
     assert main([]) == 2  # no command: help on stderr, status 2
 
@@ -273,3 +273,26 @@ def test_sweep_leaves_a_run_that_another_writer_holds(tmp_path, capsys):
         assert "sgd-seed1" in captured.out and "skipped" in captured.err
     finally:
         held.discard()
+
+
+def test_sweep_leaves_a_run_started_meanwhile_to_its_writer(tmp_path, capsys, monkeypatch):
+    import sam_diagnostics.sweep as sweep
+    from sam_diagnostics.store import RunStore
+
+    out = tmp_path / "sweep"
+    held = []
+    original = sweep.pending_runs
+
+    def race(plan, **kwargs):  # another process takes the run right after planning
+        todo = original(plan, **kwargs)
+        held.append(RunStore(todo[0][1]))
+        return todo
+
+    monkeypatch.setattr(sweep, "pending_runs", race)
+    try:
+        assert main(["sweep", *TINY, "--epochs", "1", "--optimizers", "sgd", "--out",
+                     str(out)]) == 0
+        assert "sgd-seed0.zarr: skipped:" in capsys.readouterr().out
+    finally:
+        for store in held:
+            store.discard()

@@ -219,6 +219,11 @@ def test_open_run_refuses_what_is_not_a_run(tmp_path):
         future, zarr_format=2)
     with pytest.raises(NotARunError, match="upgrade sam_diagnostics"):
         open_run(future)
+    wrong = tmp_path / "wrong.zarr"
+    xr.Dataset({"loss": ("step", [1.0])}, coords={"step": [0]},
+               attrs={"schema_version": schema.SCHEMA_VERSION}).to_zarr(wrong, zarr_format=2)
+    with pytest.raises(NotARunError, match="does not follow the run schema: 'loss' has dims"):
+        open_run(wrong)
 
 
 def test_runs_written_before_schema_version_still_open(tmp_path):
@@ -340,3 +345,16 @@ def test_config_keys_and_run_names_exist_once():
     assert summary.CONFIG_KEYS is schema.CONFIG_KEYS is runs.CONFIG_KEYS
     text = json.dumps(list(schema.CONFIG_KEYS))
     assert "optimizer" in text
+
+
+def test_reading_functions_name_bad_arguments(splits, tmp_path):
+    ds = _finished_run(splits, tmp_path / "run.zarr")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sd.to_netcdf(ds, tmp_path / "missing" / "run.nc")
+    for call in (lambda: open_run(123), lambda: validate_run(None),
+                 lambda: sd.merge_runs([ds, 1])):
+        with pytest.raises(TypeError, match="str or os.PathLike"):
+            call()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(NotARunError):
+        sd.merge_runs([tmp_path / "run.zarr", tmp_path / "notes.txt"])
