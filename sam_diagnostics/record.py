@@ -24,6 +24,7 @@ from .data import NoisyDataset, as_noisy_dataset, probe_subset
 from .errors import NonFiniteError
 from .hooks import measuring
 from .jacobian import model_logits
+from .live import as_sinks, close_sinks, log_record
 from .logit_terms import is_binary, per_example_loss
 from .probe import Probe
 from .runs import open_run
@@ -129,6 +130,10 @@ class Recorder:
         Passed to :class:`~sam_diagnostics.store.RunStore` when ``out`` is a path.
     keep : bool, optional
         Keep every record in memory (default: only when ``out`` is ``None``).
+    live : path, callable, sink or list, optional
+        Mirror each record's summary scalars (:mod:`sam_diagnostics.live`: clean/noisy logit
+        scale and its SAM/SGD ratio, norms, accuracies) to TensorBoard (a log directory) or to
+        any callable ``fn(scalars, step)``, while the full per-example data go to the store.
 
     Examples
     --------
@@ -180,6 +185,7 @@ class Recorder:
         flush_seconds: float = 30.0,
         chunk_steps: int = 16,
         keep: bool | None = None,
+        live: Any = None,
     ):
         # ---- every argument is checked before anything is created or measured
         if not isinstance(model, nn.Module):
@@ -280,6 +286,7 @@ class Recorder:
                                   chunk_steps=chunk_steps)
         self.attrs = {**self.attrs, **(self.store.attrs if self.store is not None else {})}
         self.keep = (self.store is None) if keep is None else bool(keep)
+        self.live = as_sinks(live)
         if record_initial:
             try:
                 self.record()
@@ -445,6 +452,8 @@ class Recorder:
         if self.keep:
             self.records.append(ds)
         self._last_recorded = self.global_step
+        if self.live:
+            log_record(ds, self.live)
         return ds
 
     # ---------------------------------------------------------------- results
@@ -473,6 +482,7 @@ class Recorder:
         self.attrs["complete"] = int(bool(complete))
         if self.store is not None:
             self.store.close(complete=complete)
+        close_sinks(self.live)
         self._closed = True
 
     def __enter__(self) -> Recorder:

@@ -158,3 +158,14 @@ def test_lightning_callback_mirrors_live_scalars(tmp_path):
     ours = [(step, m) for step, m in logger.metrics if "sd/accuracy/test" in m]
     assert [step for step, _ in ours] == steps
     assert all(k.startswith("sd/") and math.isfinite(v) for _, m in ours for k, v in m.items())
+
+
+def test_recorder_mirrors_every_record_to_live_sinks(tmp_path):
+    """``Recorder(live=...)``: each record's scalars reach the sinks; the store keeps everything."""
+    got = []
+    rec = tiny_run(tiny_splits(), tmp_path / "run.zarr", optimizer="sam", epochs=2,
+                   live=lambda scalars, step: got.append((step, scalars)))
+    ds = rec.dataset()
+    assert [s for s, _ in got] == [int(v) for v in ds["step"].values]
+    assert all(math.isfinite(v) for _, sc in got for v in sc.values())
+    assert any("logit_scale" in k for k in got[-1][1])
