@@ -248,3 +248,19 @@ def test_layer_tables_in_the_docs_are_generated_from_the_registry():
     for p in docs:
         assert fill(p.read_text()) == p.read_text(), (
             f"{p.name}: run python -m sam_diagnostics.rules --write {p.relative_to(root)}")
+
+
+@pytest.mark.parametrize("groups,bias", [(1, True), (2, False)])
+def test_conv_gram_forms_for_deep_narrow_layers(groups, bias):
+    """Many channels, few positions: the norm and the SAM-view output take the Gram forms
+    (``conv(x', Δ_i) = c_i B_i (P_iᵀ P'_i)`` never builds ``Δ_i``)."""
+    from sam_diagnostics.rules.conv import _ConvAcc
+
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=bias).double()
+    a = randn(3, 16, 3, 3)
+    with torch.no_grad():
+        acc = _ConvAcc(entry_of(conv), [Call((a,), {}, conv(a), (0,), 0)])
+    assert acc.gram
+    acc.add([randn(3, 16, 3, 3)])
+    assert "gram" in acc.offsets(torch.ones(3, dtype=torch.float64))
+    check_rule(conv, a)

@@ -65,6 +65,7 @@ class Call:
     out: Tensor | None = None
     in_dims: tuple | None = None
     out_dim: int = 0
+    cache: dict = field(default_factory=dict)  # tensors a rule derives once per call (x̂, ...)
 
     @property
     def x(self) -> Tensor:

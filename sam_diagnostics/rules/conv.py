@@ -52,6 +52,7 @@ class _ConvAcc(Accumulator):
         self.gb = None
         self.total: dict[str, Tensor] = {}
         self.last = None
+        self.last_grads: dict[str, Tensor] | None = None
 
     def _bb(self, b: Tensor) -> Tensor:
         B, G = b.shape[0], self.m.groups
@@ -81,7 +82,8 @@ class _ConvAcc(Accumulator):
             if self.bias:
                 self._acc("bias", sumsq(bb.sum(-1), (1, 2)))
             return
-        for n, g in self._grads(cots).items():
+        self.last_grads = self._grads(cots)
+        for n, g in self.last_grads.items():
             self._acc(n, sumsq(g.reshape(g.shape[0], -1), 1))
 
     def result(self):
@@ -90,7 +92,16 @@ class _ConvAcc(Accumulator):
         return self.total
 
     def offsets(self, scale):
-        g = self._grads(self.last)
+        B, G, P, L = self.p[0].shape
+        O = self.m.out_channels // G
+        c = scale.reshape(-1, 1, 1, 1)
+        if self.w and len(self.p) == 1 and L * (P + O) < 2 * O * P:
+            # Gram form (never builds Δ_i): conv(x', Δ_i) = c_i B_i (P_iᵀ P'_i)
+            state = {"gram": (self.p[0], self._bb(self.last[0]) * c.to(self.last[0].dtype))}
+            if self.bias:
+                state["bias"] = self._bb(self.last[0]).sum(-1).reshape(B, -1) * c[:, :, 0, 0]
+            return state
+        g = self.last_grads if self.last_grads is not None else self._grads(self.last)
         return {n: v * scale.reshape(-1, *[1] * (v.dim() - 1)).to(v.dtype) for n, v in g.items()}
 
 
@@ -106,6 +117,13 @@ class ConvRule(Rule):
 
     def apply(self, entry: Entry, state, call: Call) -> Tensor:
         m, out = entry.module, call.out
+        if "gram" in state:
+            p_ref, b_ref = state["gram"]  # [B, G, P, L], [B, G, O, L] (scaled)
+            y = b_ref @ (p_ref.transpose(2, 3) @ patches(m, call.x))  # [B, G, O, L']
+            out = out + y.reshape(out.shape)
+            if "bias" in state:
+                out = out + state["bias"].reshape(out.shape[0], -1, *[1] * (out.dim() - 2))
+            return out
         x, pad = conv_input(m, call.x)
         B = x.shape[0]
         if "weight" in state:

@@ -21,6 +21,13 @@ def _affine_grads(entry: Entry, xh: Tensor, b: Tensor, dims: tuple) -> dict[str,
     return out
 
 
+def _xhat_of(call: Call, fn) -> Tensor:
+    """``x̂`` of a call, computed once per call (every direction reuses it)."""
+    if "xhat" not in call.cache:
+        call.cache["xhat"] = fn()
+    return call.cache["xhat"]
+
+
 def _affine_apply(state, xh_fn, out: Tensor, shape) -> Tensor:
     if "weight" in state:
         out = out + xh_fn() * state["weight"].reshape(shape)
@@ -41,7 +48,8 @@ class LayerNormRule(Rule):
     def grads(self, entry, call, b):
         m = entry.module
         nd = len(m.normalized_shape)
-        return _affine_grads(entry, self._xhat(m, call.x), b, tuple(range(1, b.dim() - nd)))
+        xh = _xhat_of(call, lambda: self._xhat(m, call.x))
+        return _affine_grads(entry, xh, b, tuple(range(1, b.dim() - nd)))
 
     def apply(self, entry: Entry, state, call: Call) -> Tensor:
         m, x = entry.module, call.x
@@ -60,7 +68,8 @@ class GroupNormRule(Rule):
         return F.group_norm(x, module.num_groups, None, None, module.eps)
 
     def grads(self, entry, call, b):
-        return _affine_grads(entry, self._xhat(entry.module, call.x), b, tuple(range(2, b.dim())))
+        xh = _xhat_of(call, lambda: self._xhat(entry.module, call.x))
+        return _affine_grads(entry, xh, b, tuple(range(2, b.dim())))
 
     def apply(self, entry: Entry, state, call: Call) -> Tensor:
         m, x = entry.module, call.x
