@@ -1,6 +1,8 @@
 """On a CUDA GPU the engine gives the CPU float64 reference to the dtype's tolerance (skipped
 without CUDA; ``bash benchmarks/gpu.sh`` runs these on a GPU machine)."""
 
+import copy
+
 import pytest
 import torch
 from problems import ZOO, make
@@ -10,14 +12,24 @@ import sam_diagnostics as sd
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-NAMES = ["mlp", "cnn2d", "resnet_ln", "sequence", "gpt_tied_functional", "lstm",
+NAMES = ["mlp", "cnn2d", "resnet_ln", "sequence", "gpt_tied_functional", "lstm_seq_first",
          "transformer_encoder", "binary"]
 BY_NAME = {p.name: p for p in ZOO}
 
 
+@pytest.fixture(autouse=True)
+def full_float32():
+    """Compare float32 with float32 arithmetic: TF32 (cuDNN's default for convolutions) rounds
+    inputs to 10 mantissa bits."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def on_gpu(name, dtype=torch.float32):
     model, x, y = make(BY_NAME[name], batch=6)
-    gpu = model.to("cuda", dtype)
+    gpu = copy.deepcopy(model).to("cuda", dtype)
     xg = x.to("cuda", dtype) if x.is_floating_point() else x.cuda()
     return model.double().cpu(), x, y, gpu, xg, y.cuda()
 
@@ -49,7 +61,7 @@ def test_probe_and_one_sam_step_on_gpu(name):
     sd.SAM(cpu, torch.optim.SGD(cpu.parameters(), lr=0.1), 0.05, 1).step(x, y)
     sd.SAM(gpu, torch.optim.SGD(gpu.parameters(), lr=0.1), 0.05, 1).step(xg, yg)
     for (n, p), q in zip(cpu.named_parameters(), gpu.parameters()):
-        close(q - w[n].to(q), p - w[n], 1e-3)
+        close(q - w[n].to(q), p - w[n], 2e-2)  # float32 ε_i directions vs float64
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

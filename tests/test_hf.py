@@ -22,13 +22,13 @@ from transformers import (  # noqa: E402
 from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 import sam_diagnostics as sd  # noqa: E402
+from sam_diagnostics import open_run  # noqa: E402
 from sam_diagnostics.integrations.hf import (  # noqa: E402
     DiagnosticsCallback,
     TextClassifier,
     pack_examples,
     unwrap_model,
 )
-from sam_diagnostics import open_run  # noqa: E402
 
 VOCAB, C = 40, 3
 PER_EXAMPLE = ("loss", "margin", "logit_scale", "jacobian_norm", "grad_norm", "activation_norm")
