@@ -67,7 +67,7 @@ def test_stages_resume_and_report(tmp_path, monkeypatch):
                                  "adareg": (0.1,)}, gammas=(1e-2,), sizes=(1000, None),
                             widths=())
     study = driver.Study(tmp_path, s, log=lambda m: None)
-    for stage in ("tune-sam", "main", "tune-reg", "reg", "wd", "size"):
+    for stage in ("tune-sam", "main", "tune-ada", "ada", "tune-reg", "reg", "wd", "size"):
         study.stage(stage)
     adareg = Run("mnist1d", "mlp", "adareg", 0, 2, rho=0.1, group="final/mnist1d-mlp")
     assert load_summary(adareg.path(tmp_path)) is not None  # the new optimizer trains

@@ -85,11 +85,13 @@ class Study:
         elif stage == "reg":
             rho = self.choice("sam")
             gamma = self.choice("regsgd")
-            ada = self.choice("adareg")
             runs = [s.run("regsgd", k, group=g, gamma_act=gamma[0], gamma_weight=gamma[1],
                           rho=rho) for k in seeds]
-            runs += [s.run("adareg", k, group=g, rho=r) for r in dict.fromkeys((ada, rho))
-                     for k in seeds]
+        elif stage == "ada":
+            rho = self.choice("sam")
+            ada = self.choice("adareg")
+            runs = [s.run("adareg", k, group=g, rho=r) for r in dict.fromkeys((ada, rho))
+                    for k in seeds]
         elif stage == "var":
             runs = [s.run(v, k, group=g, rho=self.choice(v)) for v in ("lsam", "jsam")
                     for k in seeds]
@@ -119,7 +121,7 @@ class Study:
 
     def stage(self, name: str):
         if name.startswith("tune-"):
-            variants = {"tune-sam": ("sam",), "tune-reg": ("regsgd", "adareg"),
-                        "tune-var": ("lsam", "jsam")}[name]
+            variants = {"tune-sam": ("sam",), "tune-reg": ("regsgd",),
+                        "tune-ada": ("adareg",), "tune-var": ("lsam", "jsam")}[name]
             return [self.tune(v) for v in variants]
         return self.final_runs(name)

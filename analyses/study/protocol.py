@@ -5,8 +5,10 @@ Stages, in priority order (each resumable; a stage trains the tuning it depends 
 ======== ===================================================================================
 tune-sam  1-SAM's ρ on the tuning seeds (short tuning runs, probes reduced to a few examples)
 main      SGD, 1-SAM, L-SAM and J-SAM, all at 1-SAM's ρ (the paper's ablation), fresh seeds
-tune-reg  regularized SGD's (γ_a, γ_V) grid and the adaptive regularizer's ρ grid
-reg       regularized SGD, adaptive regularizer (its ρ, and 1-SAM's ρ), fresh seeds
+tune-ada  the adaptive regularizer's ρ grid
+ada       the adaptive regularizer at its tuned ρ and at 1-SAM's ρ, fresh seeds
+tune-reg  regularized SGD's (γ_a, γ_V) grid
+reg       regularized SGD at its tuned (γ_a, γ_V), fresh seeds
 tune-var  L-SAM's and J-SAM's own ρ grids
 var       L-SAM and J-SAM at their own ρ (the practitioner's table), fresh seeds
 wd        SGD and 1-SAM with weight decay 5e-4 (the post-memorization reversal)
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 
 from .runs import Run
 
-STAGES = ("tune-sam", "main", "tune-reg", "reg", "tune-var", "var", "wd", "size", "width")
+STAGES = ("tune-sam", "main", "tune-ada", "ada", "tune-reg", "reg", "tune-var", "var", "wd",
+          "size", "width")
 
 TUNE_SEEDS = (100, 101, 102)  # never used for final runs; each seed has its own split
 FINAL_SEEDS = (0, 1, 2, 3, 4)

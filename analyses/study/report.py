@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -40,17 +41,21 @@ def log_invocation(root: Path, argv) -> None:
                                 timespec="seconds")}) + "\n")
 
 
-def _commits(root: Path) -> list[str]:
+def _invocations(root: Path) -> list[dict]:
     path = Path(root) / "invocations.jsonl"
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            out.append(json.loads(line)["commit"])
-        except (ValueError, KeyError):
+            out.append(json.loads(line))
+        except ValueError:
             continue
-    return list(dict.fromkeys(out))
+    return out
+
+
+def _commits(root: Path) -> list[str]:
+    return list(dict.fromkeys(i.get("commit", "?") for i in _invocations(root)))
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -130,8 +135,9 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
         if stage.startswith("tune-"):
             continue
         runs = _expected(study, stage) if choices["sam"]["choice"] is not None else None
-        if stage in ("reg",) and (choices["regsgd"]["choice"] is None
-                                  or choices["adareg"]["choice"] is None):
+        if stage == "reg" and choices["regsgd"]["choice"] is None:
+            runs = None
+        if stage == "ada" and choices["adareg"]["choice"] is None:
             runs = None
         if stage == "var" and (choices["lsam"]["choice"] is None
                                or choices["jsam"]["choice"] is None):
@@ -140,7 +146,10 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
             status.append(f"{stage}: not run")
             continue
         done = len(finished(runs, root))
-        runs_of[stage] = runs
+        own = [r for r in runs if r.group != f"final/{setting.name}" or stage in (
+            "main", "ada", "reg", "var")]
+        if len(finished(own, root)):
+            runs_of[stage] = runs
         status.append(f"{stage}: {done}/{len(runs)} runs" + ("" if done == len(runs) else
                                                             " (**partial**)"))
     tune_status = []
@@ -156,7 +165,8 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
     fig_dir = (docs / "figures" / "study" / setting.name) if docs else (
         root / "figures" / setting.name)
     base = docs if docs else root
-    figs = []
+    if fig_dir.exists():  # figures of this setting are all regenerated: no stale files
+        shutil.rmtree(fig_dir)
 
     # tuning
     lines += ["### Tuning (validation only; test data never looked at)", "",
@@ -171,11 +181,11 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
             continue
         edge = " — **on the edge of the grid**" if res.get("on_edge") else ""
         lines += [f"**{tables.LABELS[v]}**{edge}:", "", tables.tuning_table(res, v), ""]
-    figs += figures.tuning(choices, fig_dir)
+    lines += _figure_lines(figures.tuning(choices, fig_dir), base)
 
     if df.empty or "main" not in runs_of:
         lines += ["No final runs finished yet.", ""]
-        return lines + _figure_lines(figs, base), findings
+        return lines, findings
     rho = choices["sam"]["choice"]
     fin = df[df["group"] == f"final/{setting.name}"]
     sgd = _sel(fin, method="sgd", wd=0.0)
@@ -183,9 +193,11 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
     main_cfg = [("SGD", sgd), (tables.label("sam", rho), sam)]
     main_cfg += [(tables.label(v, rho), _sel(fin, method=v, rho=rho)) for v in ("lsam", "jsam")]
     if "reg" in runs_of:
-        gamma, ada = choices["regsgd"]["choice"], choices["adareg"]["choice"]
+        gamma = choices["regsgd"]["choice"]
         main_cfg.append((tables.label("regsgd", gamma=gamma), _sel(fin, method="regsgd",
                                                                   gamma=tuple(gamma))))
+    if "ada" in runs_of:
+        ada = choices["adareg"]["choice"]
         for r in dict.fromkeys((ada, rho)):
             tag = "tuned" if r == ada else "1-SAM's"
             main_cfg.append((tables.label("adareg", r) + f" [{tag} ρ]",
@@ -198,7 +210,7 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
               "is printed only where the 1-SAM − SGD interval excludes 0 (best test / at "
               "best-val).", "", table, ""]
     findings += _main_findings(setting.name, seeds_of, main_cfg)
-    figs += figures.comparison(main_cfg, fig_dir, setting.name)
+    lines += _figure_lines(figures.comparison(main_cfg, fig_dir, setting.name), base)
 
     if "var" in runs_of:
         var_cfg = [("SGD", sgd), (tables.label("sam", rho), sam)]
@@ -223,11 +235,12 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
               "the best-validation epoch. Mean ± 95% interval over seeds.", "",
               tables.mechanism_table(df, mech_cfg), ""]
     findings += _mechanism_findings(setting.name, mech_cfg)
-    figs += figures.curves(root, main_cfg, all_runs, fig_dir, setting.name)
-    figs += figures.upweighting(root, main_cfg[:4], all_runs, fig_dir)
+    lines += _figure_lines(figures.curves(root, main_cfg, all_runs, fig_dir, setting.name)
+                           + figures.upweighting(root, main_cfg[:4], all_runs, fig_dir), base)
     if "wd" in runs_of:
-        figs += figures.curves(root, [main_cfg[0], main_cfg[1], *mech_cfg[-2:]], all_runs,
-                               fig_dir, setting.name, prefix="wd_")
+        lines += _figure_lines(figures.curves(root, [main_cfg[0], main_cfg[1], *mech_cfg[-2:]],
+                                              all_runs, fig_dir, setting.name, prefix="wd_"),
+                               base)
 
     for stage, key, title in (("size", "n_samples", "training-pool size"),
                               ("width", "width", "hidden width")):
@@ -242,8 +255,8 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
         ab = ab[ab[other] == (256 if other == "width" else 0)]
         lines += [f"### Ablation: {title} (SGD vs 1-SAM at ρ = {rho:g}, seeds 0–2)", "",
                   tables.ablation_table(ab, key, title), ""]
-        figs += figures.ablation(ab, key, title, fig_dir, setting.name)
-    return lines + _figure_lines(figs, base), findings
+        lines += _figure_lines(figures.ablation(ab, key, title, fig_dir, setting.name), base)
+    return lines, findings
 
 
 def _figure_lines(figs, base) -> list[str]:
@@ -326,10 +339,22 @@ def full_report(root: Path, docs: Path | None, settings, argv) -> dict:
               f"(never edited by hand). Runs trained by commit(s) {', '.join(commits)}; report "
               f"by commit {_commit()}. Compute: {n_runs} runs, {seconds / 3600:.2f} h of "
               "single-threaded training in total (2-core CPU shared with other jobs).", ""]
-    if partial:
+    trained = list(dict.fromkeys(
+        "python analyses/label_noise.py " + " ".join(i.get("argv", [])) + f" (commit "
+        f"{i.get('commit', '?')}, started {i.get('utc', '?')})" for i in _invocations(root)))
+    if trained:
+        header += ["Training commands: " + "; ".join(f"`{t.split(' (commit')[0]}`"
+                                                     + " (commit" + t.split(" (commit", 1)[1]
+                                                     for t in trained) + ".", ""]
+    from .protocol import SETTINGS
+
+    missing = [name for name in SETTINGS if name not in {s.name for s in settings}]
+    if partial or missing:
         header += ["**This report is partial**: the stages marked *partial* or *not run* below "
-                   "have not finished (rerun the same command to resume; finished runs are "
-                   "reused). Settings not listed were not run.", ""]
+                   "have not finished (rerun the training command to resume; finished runs are "
+                   "reused)"
+                   + (f"; settings not run at all: {', '.join(missing)}" if missing else "")
+                   + ".", ""]
     header += ["Data: 30% symmetric label noise on the training and validation splits; clean "
                "test set. Optimizer: SGD, momentum 0.9, lr 0.05, batch 128, constant lr, no "
                "weight decay unless stated. *best test (paper)* is the best test accuracy over "
