@@ -174,7 +174,8 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
               f"validation split), {setting.tune_epochs} epochs, probe reduced to a few examples. "
               f"Score: peak of the {SMOOTH}-epoch moving average of validation accuracy. Values "
               "within one paired standard error of the best are tied; the middle of the tied "
-              "range is chosen (the lower of two).", ""]
+              "range is chosen (the lower of two)."
+              + _tuning_cost(root / "tune" / setting.name), ""]
     for v, res in choices.items():
         if not res.get("table"):
             lines += [f"**{tables.LABELS[v]}**: not run.", ""]
@@ -235,6 +236,7 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
               "the best-validation epoch. Mean ± 95% interval over seeds.", "",
               tables.mechanism_table(df, mech_cfg), ""]
     findings += _mechanism_findings(setting.name, mech_cfg)
+    findings += _extra_findings(setting.name, main_cfg, mech_cfg)
     lines += _figure_lines(figures.curves(root, main_cfg, all_runs, fig_dir, setting.name)
                            + figures.upweighting(root, main_cfg[:4], all_runs, fig_dir), base)
     if "wd" in runs_of:
@@ -257,6 +259,14 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
                   tables.ablation_table(ab, key, title), ""]
         lines += _figure_lines(figures.ablation(ab, key, title, fig_dir, setting.name), base)
     return lines, findings
+
+
+def _tuning_cost(folder: Path) -> str:
+    seconds, n = compute_seconds(folder) if folder.exists() else (0.0, 0)
+    if not n:
+        return ""
+    return (f" Cost of the tuning runs so far: {n} runs, {seconds / 60:.0f} min single-threaded "
+            f"({seconds / n:.0f} s per run on average, on a machine shared with other jobs).")
 
 
 def _figure_lines(figs, base) -> list[str]:
@@ -288,6 +298,41 @@ def _main_findings(name: str, seeds_of: dict, cfg) -> list[str]:
                 verdict = "better than 1-SAM"
             parts.append(f"{lab}: {d_sgd} vs SGD, {d_sam} vs 1-SAM → {verdict}")
         out.append(line + ". " + "; ".join(parts) + ".")
+    return out
+
+
+def _seeds(sub: pd.DataFrame, col: str) -> dict:
+    return {int(k): float(v) for k, v in zip(sub["seed"], sub[col])}
+
+
+def _extra_findings(name: str, main_cfg, mech_cfg) -> list[str]:
+    """The adaptive regularizer against the constant penalty, and the weight-decay check of the
+    post-memorization reversal."""
+    out = []
+    by = dict(main_cfg)
+    reg = next((sub for lab, sub in main_cfg if lab.startswith(tables.LABELS["regsgd"])), None)
+    for lab, sub in main_cfg:
+        if not lab.startswith(tables.LABELS["adareg"]) or not len(sub) or reg is None or not len(
+                reg):
+            continue
+        cells = [f"{mname}: {tables.diff(_seeds(sub, k), _seeds(reg, k))[0]}"
+                 for k, mname in tables.METRICS.items()]
+        out.append(f"**{name}, adaptive vs constant penalty**: {lab} − reg. SGD = "
+                   + "; ".join(cells) + " points (paired).")
+    wd = [(lab, sub) for lab, sub in mech_cfg if ", wd " in lab]
+    labels = [lab for lab, _ in main_cfg]
+    if len(wd) == 2 and all(len(sub) for _, sub in wd):
+        sgd, sam = by[labels[0]], by[labels[1]]
+        key = "last_layer_weight_norm"
+        plain = tables.diff(_seeds(sam, f"{key}@end"), _seeds(sgd, f"{key}@end"), scale=1.0)[0]
+        decayed = tables.diff(_seeds(wd[1][1], f"{key}@end"), _seeds(wd[0][1], f"{key}@end"),
+                              scale=1.0)[0]
+        peak = tables.diff(_seeds(sam, f"{key}@sel"), _seeds(sgd, f"{key}@sel"), scale=1.0)[0]
+        gain = tables.diff(_seeds(wd[1][1], "test_at_sel"), _seeds(wd[0][1], "test_at_sel"))[0]
+        out.append(f"**{name}, after memorization**: 1-SAM − SGD last-layer weight norm is "
+                   f"{peak} at the best-val epochs and {plain} at the end without weight decay; "
+                   f"with weight decay {WEIGHT_DECAY:g} it is {decayed} at the end. 1-SAM − SGD "
+                   f"test accuracy at the best-val epoch with weight decay: {gain} points.")
     return out
 
 

@@ -98,7 +98,7 @@ def comparison(df: pd.DataFrame, configs: list[tuple[str, dict]], reference: dic
     for k in METRICS:
         if ref and anc:
             resolved[k] = diff(anc[k], ref[k])[1]
-    for name, sub in configs:
+    for position, (name, sub) in enumerate(configs):
         if not len(sub):
             continue
         cells = ([setting] if setting else []) + [name, str(len(sub))]
@@ -107,7 +107,9 @@ def comparison(df: pd.DataFrame, configs: list[tuple[str, dict]], reference: dic
         shares = []
         for k in METRICS:
             cells.append(pm(sub[k]))
-            cells.append(diff(per[k], ref[k])[0] if ref and sub is not reference else "—")
+            cells.append(diff(per[k], ref[k])[0] if ref and position > 0 else "—")
+            if position < 2:  # the reference and the anchor themselves
+                continue
             if resolved.get(k):
                 gap = paired(anc[k], ref[k])[0]
                 own = paired(per[k], ref[k])[0]

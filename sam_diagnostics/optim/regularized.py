@@ -243,7 +243,7 @@ class AdaptiveRegularizedSGD(SGDStep):
                 u2 += 1.0 if self._below.bias is not None else 0.0
                 back = delta @ self._head.weight
                 if self._mode == "relu":
-                    back.masked_fill_(a <= 0, 0.0)  # D_i
+                    back.mul_(torch.sign(a))  # D_i (a = ReLU output >= 0; sign is 0 or 1)
                 n2.addcmul_(torch.linalg.vector_norm(back, dim=1).square_(), u2)
             lam = n2.clamp_min_(1e-30).rsqrt_().mul_(self.rho)
             return delta, back, lam * d2, (None if u2 is None else lam * u2)
