@@ -254,15 +254,35 @@ def test_palette_consistent_across_figures(merged):
     assert {METHOD_PALETTE[m] for m in ("sgd", "sam", "jsam")} <= line_colors
 
 
-def test_accuracy_peak_marked(merged):
+def _axis(fig, title):
+    return next(ax for ax in fig.axes if ax.get_title() == title)
+
+
+def test_accuracy_peak_values_are_the_tables_not_the_mean_curves(merged):
     fig = plot_accuracy_curves(merged)
-    test_ax = fig.axes[2]
+    test_ax = _axis(fig, "test set")
     texts = [t.get_text() for t in test_ax.texts]
-    assert len(texts) == 3 and all("%" in t for t in texts)
+    assert len(texts) == 3
     df = to_long(merged, "test_accuracy")
-    best = df[df.method == "sgd"].groupby("epoch")["value"].mean().max() * 100
-    assert any(t.startswith(f"{best:.1f}%") for t in texts)
+    per_run = df[df.method == "sgd"].groupby("run")["value"].max()
+    assert f"SGD: best {100 * per_run.mean():.1f}" in texts
+    curve_max = df[df.method == "sgd"].groupby("epoch")["value"].mean().max()
+    assert not np.isclose(per_run.mean(), curve_max)  # the two differ on these data
     assert test_ax.get_ylabel() == "accuracy (%)"
+    assert 0 <= test_ax.get_ylim()[0] and test_ax.get_ylim()[1] <= 100
+
+
+def test_best_validation_epoch_is_marked(merged):
+    rng = np.random.default_rng(0)
+    val = merged["test_accuracy"] + 0.02 * rng.standard_normal(merged["test_accuracy"].shape)
+    fig = plot_accuracy_curves(merged.assign(val_accuracy=val))
+    assert len(fig.axes) == 4
+    test_ax = _axis(fig, "test set")
+    assert all("at best-val" in t.get_text() for t in test_ax.texts)
+    # one dotted vertical line per method in every panel
+    for ax in fig.axes:
+        dotted = [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
+        assert len(dotted) == 3
 
 
 def test_missing_variables_skip_or_raise(single):
@@ -306,14 +326,19 @@ def test_does_not_import_torch_or_package_modules():
     import ast
     from pathlib import Path
 
-    tree = ast.parse(Path(plots.__file__).read_text())
     roots = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            roots |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "plots must not import other package modules"
-            roots.add(node.module.split(".")[0])
+    files = sorted(Path(plots.__file__).parent.glob("*.py"))
+    assert len(files) >= 5
+    for file in files:
+        assert len(file.read_text().splitlines()) < 600, f"{file.name} is too long"
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                roots |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                # relative imports stay inside the plots package (level 1: a sibling module)
+                assert node.level in (0, 1), "plots must not import other package modules"
+                if node.level == 0:
+                    roots.add(node.module.split(".")[0])
     allowed = {
         "__future__",
         "colorsys",
@@ -350,3 +375,49 @@ def test_figures_leave_pyplot_and_backend_alone(single, tmp_path):
 def test_accuracy_without_test_curve_has_no_peak(single):
     fig = plot_accuracy_curves(single.drop_vars("test_accuracy"))
     assert len(fig.axes) == 2 and not any(ax.texts for ax in fig.axes)
+
+
+def test_logit_scale_has_an_early_window_and_a_log_full_range(merged):
+    fig = plot_logit_scale(merged)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 3
+    assert visible[2].get_yscale() == "log" and visible[1].get_yscale() == "linear"
+    assert visible[1].get_xlim()[1] < visible[2].get_xlim()[1]
+
+
+def test_norm_panels_use_a_log_axis(merged):
+    fig = plot_norms(merged)
+    scales = [ax.get_yscale() for ax in fig.axes if ax.get_visible()]
+    assert scales.count("log") == 3
+
+
+def test_study_figures(tmp_path):
+    from sam_diagnostics.plots.study import (
+        plot_ablation,
+        plot_comparison,
+        plot_curves,
+        plot_tuning,
+    )
+
+    rng = np.random.default_rng(0)
+    tuning = pd.DataFrame([{"method": "1-SAM (ρ)", "key": "sam", "value": f"{v:g}",
+                            "position": i, "mean": 0.4 + 0.01 * i, "se": 0.01,
+                            "tied": i > 1, "chosen": i == 2, "sgd": 0.38}
+                           for i, v in enumerate((0.01, 0.03, 0.05))])
+    comp = pd.DataFrame([{"label": m.upper(), "method": m, "seed": k, "metric": "best test",
+                          "value": 0.5 + 0.05 * (m == "sam") + 0.01 * rng.standard_normal()}
+                         for m in ("sgd", "sam", "adareg") for k in range(5)])
+    abl = pd.DataFrame([{"x": n, "method": m, "seed": k,
+                         "value": 0.5 + 0.02 * (m == "sam") + 0.01 * rng.standard_normal()}
+                        for n in (1000, 2000, 4000) for m in ("sgd", "sam") for k in range(3)])
+    curves = pd.DataFrame([{"label": m, "seed": k, "epoch": e, "variable": "norm",
+                            "value": (100.0 if m == "runaway" else 1.0) * (1 + e),
+                            "subset": "all"}
+                           for m in ("sgd", "runaway") for k in range(2) for e in range(10)])
+    figs = [plot_tuning(tuning), plot_comparison(comp),
+            plot_ablation(abl, xlabel="n", title="size"),
+            plot_curves(curves, [("norm", "norm", "‖a‖")], marks={"sgd": 3.0},
+                        colors={"sgd": "#000000", "runaway": "#e69f00"}, title="t",
+                        robust=("norm",))]
+    for i, fig in enumerate(figs):
+        assert save_figure(fig, tmp_path, f"f{i}", formats=("png",))[0].stat().st_size > 1000

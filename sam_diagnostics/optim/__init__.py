@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .regularized import RegularizedSGD, SGDStep
+from .regularized import AdaptiveRegularizedSGD, RegularizedSGD, SGDStep
 from .sam import SAM, VARIANTS
 
-__all__ = ["SAM", "VARIANTS", "RegularizedSGD", "SGDStep", "OPTIMIZERS", "make_optimizer"]
+__all__ = ["SAM", "VARIANTS", "RegularizedSGD", "AdaptiveRegularizedSGD", "SGDStep", "OPTIMIZERS",
+           "make_optimizer"]
 
-OPTIMIZERS = ("sgd", "sam", "lsam", "jsam", "regsgd")
+OPTIMIZERS = ("sgd", "sam", "lsam", "jsam", "regsgd", "adareg")
 
 
 def make_optimizer(name: str, model: nn.Module, *, lr: float, momentum: float = 0.9,
@@ -24,7 +25,8 @@ def make_optimizer(name: str, model: nn.Module, *, lr: float, momentum: float = 
 
     ``"sgd"`` plain SGD; ``"sam"``, ``"lsam"``, ``"jsam"`` the SAM variants with radius ``rho``
     and group size ``m`` (1 = 1-SAM); ``"regsgd"`` SGD with the activation / last-layer weight
-    penalties ``gamma_act`` / ``gamma_weight``.
+    penalties ``gamma_act`` / ``gamma_weight``; ``"adareg"`` SGD with the J-SAM-matched
+    per-example penalty of radius ``rho`` (:class:`AdaptiveRegularizedSGD`).
 
     Examples
     --------
@@ -41,4 +43,6 @@ def make_optimizer(name: str, model: nn.Module, *, lr: float, momentum: float = 
         return SGDStep(model, base, loss_fn=loss_fn)
     if name == "regsgd":
         return RegularizedSGD(model, base, gamma_act, gamma_weight, loss_fn=loss_fn)
+    if name == "adareg":
+        return AdaptiveRegularizedSGD(model, base, rho=rho, loss_fn=loss_fn)
     return SAM(model, base, rho=rho, m=m, variant=name, loss_fn=loss_fn)
