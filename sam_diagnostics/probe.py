@@ -21,6 +21,7 @@ from .hooks import measuring, unwrap
 from .logit_terms import check_head, logit_scale, margin, per_example_loss
 from .norms import find_head, resolve_layers, weight_norms
 from .perturb import check_rho_m, epsilon, group_slices, perturbed
+from .schema import m_to_disk
 
 __all__ = ["Probe", "VIEWS"]
 
@@ -166,12 +167,12 @@ class Probe:
                 multiple=B if m is None else m)
             sgd, sam = (_cat_views([p[k] for p in parts]) for k in (0, 1))
             wn = weight_norms(model)
-        return self._dataset(sgd, sam, targets, wn, head, list(watch), rho, m, B,
+        return self._dataset(sgd, sam, targets, wn, head, list(watch), rho, m, adaptive, B,
                              example_ids, is_noisy, true_labels)
 
     # ------------------------------------------------------------------ dataset
-    def _dataset(self, sgd, sam, targets, wn, head, layers, rho, m, B, example_ids, is_noisy,
-                 true_labels) -> xr.Dataset:
+    def _dataset(self, sgd, sam, targets, wn, head, layers, rho, m, adaptive, B, example_ids,
+                 is_noisy, true_labels) -> xr.Dataset:
         def np_(t):
             return t.detach().to("cpu", torch.float64 if t.dtype == torch.float64
                                   else torch.float32).numpy()
@@ -218,7 +219,7 @@ class Probe:
             dim = values[0] if isinstance(values, tuple) else name
             if dim == "example" and n != B:
                 raise ValueError(f"{name} has {n} entries but the batch has {B} examples")
-        attrs = {"rho": float(rho), "m": 0 if m is None else int(m), "head": head,
+        attrs = {"rho": float(rho), "m": m_to_disk(m), "adaptive": int(adaptive), "head": head,
                  "method": self.method, "sam_diagnostics_version": __version__}
         return xr.Dataset(data, coords=coords, attrs=attrs)
 

@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "sam_diagnostics"
 QUANTITY = ["rules", "plan.py", "engine.py", "jacobian.py", "perturb.py", "probe.py", "hooks.py",
             "norms.py", "logit_terms.py", "errors.py", "_version.py", "optim"]
 FACES = {"record", "store", "plots", "cli", "summary", "train", "data", "integrations",
-         "sweep", "schema", "reading", "writer", "accessor", "live"}
+         "sweep", "runs", "sources", "accessor", "live"}
 
 
 def _files(entries):
