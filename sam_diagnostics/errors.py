@@ -5,7 +5,7 @@ from __future__ import annotations
 __all__ = ["NotFastError", "NonFiniteError", "Unsupported"]
 
 
-class NotFastError(RuntimeError):
+class NotFastError(Exception):
     """The per-layer path cannot be exact for this model or call (internal: the engine then uses
     the exact torch.func path; ``method="fast"`` turns it into a ``ValueError``)."""
 

@@ -160,20 +160,18 @@ class FallbackRule(Rule):
         in_dims = call.in_dims
         f = _single(entry, call, in_dims)
         base = {n: p.detach() for n, p in entry.params.items()}
-        loop = entry.loop
 
         def one(d, b_i, *xs):
             p = base if d is None else {n: base[n] + d[n] for n in base}
             _, pull = vjp(lambda q: f(q, xs), p)
-            if loop:
+            if entry.loop:
                 return _stack([pull(b_i[k].unsqueeze(call.out_dim))[0]
                                for k in range(b_i.shape[0])], 0)
             return vmap(lambda c: pull(c.unsqueeze(call.out_dim))[0])(b_i)
 
-        flat = call.flat()
-        with kept_attributes(entry.module):  # e.g. legacy weight_norm's recomputed weight
-            g = per_example(one, (0 if delta is not None else None, 1 + call.out_dim, *in_dims),
-                            (delta, b, *flat), loop=loop, randomness=entry_randomness(entry))
+        size = b.shape[0] * sum(p.numel() for p in base.values())
+        g = _map(entry, one, (0 if delta is not None else None, 1 + call.out_dim, *in_dims),
+                 (delta, b, *call.flat()), 0, size)
         return {n: v.transpose(0, 1) for n, v in g.items()}
 
     def apply(self, entry: Entry, state, call: Call, watch=None):
@@ -191,9 +189,23 @@ class FallbackRule(Rule):
             return out, {n: torch.cat([a.reshape(-1) for a in v]).norm()
                          for n, v in acts.items() if v}
 
-        with kept_attributes(entry.module):
-            return per_example(one, (0, *in_dims), (state, *call.flat()), loop=entry.loop,
-                               out_dims=(call.out_dim, 0), randomness=entry_randomness(entry))
+        return _map(entry, one, (0, *in_dims), (state, *call.flat()), (call.out_dim, 0),
+                    sum(p.numel() for p in params.values()))
+
+
+def _map(entry: Entry, fn, in_dims, args, out_dims, size: int):
+    """:func:`per_example` for an entry, in memory-bounded ``vmap`` chunks of ``size`` elements
+    per example. Where ``vmap`` cannot run the subtree (no batching rule, data-dependent
+    control flow such as a mask check), the entry switches to the exact per-example loop."""
+    chunk = max(1, CHUNK_ELEMENTS // max(1, size))
+    with kept_attributes(entry.module):  # e.g. legacy weight_norm's recomputed weight
+        if not entry.loop:
+            try:
+                return per_example(fn, in_dims, args, out_dims=out_dims, chunk_size=chunk,
+                                   randomness=entry_randomness(entry))
+            except RuntimeError:
+                entry.loop = True  # torch.func could not batch it: loop from now on
+        return per_example(fn, in_dims, args, loop=True, out_dims=out_dims)
 
 
 def entry_randomness(entry: Entry) -> str:
