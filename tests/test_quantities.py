@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from problems import PROBLEMS, make
@@ -190,3 +191,21 @@ def test_logit_scale_keeps_relative_precision_on_confident_examples():
     tail = torch.exp(torch.tensor([-59.0, -62.0], dtype=torch.float64))
     expected[1] = torch.sqrt(tail.sum() ** 2 + (tail ** 2).sum())
     torch.testing.assert_close(sd.logit_scale(z, y).double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 2, None])
+def test_probe_shows_the_asam_view(m):
+    """``Probe.measure(adaptive=True)`` evaluates at ASAM's ε (the view an ``adaptive=True``
+    optimizer takes); checked example by example against ``sam_epsilon`` + ``perturbed``."""
+    from problems import PROBLEMS, make
+
+    model, x, y = make({p.name: p for p in PROBLEMS}["mlp"], batch=4)
+    ds = sd.Probe(model).measure(x, y, rho=0.3, m=m, adaptive=True)
+    eps = sd.sam_epsilon(model, x, y, rho=0.3, m=m, adaptive=True)
+    for g, s in enumerate(sd.group_slices(4, m)):
+        with sd.perturbed(model, {n: e[g] for n, e in eps.items()}):
+            want = sd.per_example_loss(model(x[s]), y[s])
+        got = torch.from_numpy(ds["loss"].sel(view="sam").values[s])
+        torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+    plain = sd.Probe(model).measure(x, y, rho=0.3, m=m)
+    assert not np.allclose(plain["loss"].sel(view="sam"), ds["loss"].sel(view="sam"))
