@@ -133,6 +133,16 @@ class Offsets:
     states: dict
 
 
+def _clone(x):
+    if isinstance(x, Tensor):
+        return x.clone()
+    if isinstance(x, tuple):
+        return tuple(_clone(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
+
+
 def _detach(x):
     if isinstance(x, Tensor):
         return x.detach()
@@ -208,13 +218,32 @@ class Pass:
                         out = entry.rule.apply(entry, self.states[entry.name], call)
                 finally:
                     self._busy = False
+            ret = out
+            if self._safe:  # copies: an in-place op later in the forward changed them once
+                args, kwargs, ret = _clone(args), _clone(kwargs), out.clone()
+            else:
+                self._versions += [(t, t._version) for t in (*args, out)
+                                   if isinstance(t, Tensor)]
             call.args, call.kwargs, call.out = _detach(args), _detach(kwargs), out
             calls.append(call)
-            return out.clone()  # later in-place ops must not change the recorded output
+            return ret
 
         return hook
 
     def _run_hooked(self, x: Tensor, watch) -> None:
+        """The forward with the plan's hooks. Recorded inputs and outputs are not copied; if an
+        in-place op later in the forward changed one (``ReLU(inplace=True)``), the pass runs
+        again with copies, and the plan remembers to copy from then on."""
+        self._safe = self.plan.copy_calls
+        self._versions: list = []
+        self._forward(x, watch)
+        if not self._safe and any(t._version != v for t, v in self._versions):
+            self.plan.copy_calls = self._safe = True
+            self.records = {name: [] for name in self.plan.entries}
+            self._forward(x, watch)
+        self._versions = []
+
+    def _forward(self, x: Tensor, watch) -> None:
         handles, inner = [], {}
         try:
             for name, entry in self.plan.entries.items():

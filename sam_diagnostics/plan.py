@@ -52,6 +52,7 @@ class Plan:
     whole: bool = False
     reason: str | None = None
     example_size: int = 0  # the largest hooked output's elements per example (0: unknown)
+    copy_calls: bool = False  # an in-place op changes recorded tensors: passes copy them
 
     def with_dims(self, dims: dict[str, list], example_size: int = 0) -> Plan:
         """The plan with the batch axes found by :func:`batch_axes`; rule entries whose calls
