@@ -163,12 +163,14 @@ class SAM:
         with kept_attributes(self.model), unfused_attention():
             if self.m != 1 and inputs.shape[0] > 1:
                 return self._groups(inputs, targets)
+            w = 1.0 / inputs.shape[0]
             parts = self.engine.per_chunk(  # the update is a mean: exact in chunks
-                inputs, lambda plan, s: (s.stop - s.start, *self._per_example(
-                    plan, inputs[s], targets[s])))
-        B = inputs.shape[0]
-        grads = {n: sum(k * g[n] for k, g, _ in parts) / B for n in parts[0][1]}
-        return grads, sum(k * loss for k, _, loss in parts) / B
+                inputs, lambda plan, s: self._per_example(plan, inputs[s], targets[s], w))
+        grads, loss = parts[0]
+        for g, l in parts[1:]:
+            grads = {n: v + g[n] for n, v in grads.items()}
+            loss = loss + l
+        return grads, loss
 
     def _all_mean(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
         """The mean over ranks of a gradient dict (one flat all-reduce)."""
@@ -195,9 +197,10 @@ class SAM:
     def _cotangent(self, at_w, delta_w: Tensor, at_eps, y: Tensor) -> Tensor:
         return logit_grad(self.loss_fn, at_eps.logits, y) if self.variant != "jsam" else delta_w
 
-    def _per_example(self, plan, x: Tensor, y: Tensor):
+    def _per_example(self, plan, x: Tensor, y: Tensor, w: float):
         """m = 1: every example at its own ``w + ε_i`` through the engine's offsets (for Linear
-        layers ``W a' + c_i δ_i (a_i · a')``; torch.func where no rule is exact)."""
+        layers ``W a' + c_i δ_i (a_i · a')``; torch.func where no rule is exact). Returns
+        ``w Σ_i g_i`` (the cotangent carries the weight ``w = 1/B``) and ``w Σ_i ℓ_i``."""
         engine = self.engine
         with torch.enable_grad():
             at_w = engine.run(plan, x)
@@ -210,12 +213,11 @@ class SAM:
             with frozen_buffers(self.model):
                 if self.variant == "lsam":  # J(w)ᵀ δ(w + ε): the pass at w + ε needs no graph
                     at_eps = engine.run(plan, x, offsets=off, graph=False)
-                    g = at_w.grad(self._cotangent(at_w, delta, at_eps, y))
+                    g = at_w.grad(self._cotangent(at_w, delta, at_eps, y) * w)
                 else:
                     at_eps = engine.run(plan, x, offsets=off)
-                    g = at_eps.grad(self._cotangent(at_w, delta, at_eps, y))
-        B = x.shape[0]
-        return {n: v / B for n, v in g.items()}, loss.detach().mean()
+                    g = at_eps.grad(self._cotangent(at_w, delta, at_eps, y) * w)
+        return g, loss.detach().sum() * w
 
     def _groups(self, x: Tensor, y: Tensor):
         """Groups of m examples (m = None: the batch): one ε per group, the model evaluated at
