@@ -111,12 +111,14 @@ def perturbed(model: nn.Module, eps: dict[str, Tensor]) -> Iterator[nn.Module]:
         with torch.no_grad():
             for n, e in eps.items():
                 named[n].add_(e.to(named[n].dtype))
+        torch.clear_autocast_cache()  # autocast's cached low-precision weights are of w
         with kept_attributes(model):  # weights derived in the forward (legacy weight_norm)
             yield model
     finally:
         with torch.no_grad():
             for n, w in saved.items():
                 named[n].copy_(w)
+        torch.clear_autocast_cache()
 
 
 def sam_epsilon(model: nn.Module, inputs: Tensor, targets: Tensor, rho: float, m: int | None = 1,

@@ -322,3 +322,21 @@ def test_chunked_passes_give_the_same_numbers(name, monkeypatch):
     torch.testing.assert_close(loss, whole[2][1])
     for n in g:
         torch.testing.assert_close(g[n], whole[2][0][n])
+
+
+def test_batch_sam_under_autocast_evaluates_the_perturbed_weights():
+    """autocast caches the low-precision copy of each weight inside its region: the in-place
+    w + ε of batch SAM must not be served the cached copy of w (then SAM = SGD silently)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+
+    def step(variant_rho):
+        model = copy.deepcopy(net)
+        opt = sd.SAM(model, torch.optim.SGD(model.parameters(), lr=1.0), variant_rho, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.step(x, y)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    sam, sgd = step(0.5), step(0.0)
+    assert (sam - sgd).abs().max() > 1e-2  # the perturbation took effect under autocast
