@@ -7,7 +7,7 @@ Examples
 --------
 ::
 
-    sam-diagnostics train --dataset digits --optimizer sam --m 1 --noise 0.3 --epochs 3 \\
+    sam-diagnostics train --dataset digits --optimizer sam --group-size 1 --noise 0.3 --epochs 3 \\
         --out run.zarr
     sam-diagnostics summary run.zarr
     sam-diagnostics plot run.zarr --out figs
@@ -107,8 +107,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, sweep: bool) -> None:
                        help=f"SAM radius, also the probe's SAM-view radius (default {d.rho})")
         p.add_argument("--seed", type=int, default=d.seed, help="seed of noise, split, probe, "
                        f"init and batch order (default {d.seed})")
-    p.add_argument("--m", type=int, default=d.m,
-                   help=f"examples per perturbation group: 1 = 1-SAM, 0 = whole batch "
+    p.add_argument("--group-size", type=int, default=d.m, dest="m", metavar="M",
+                   help=f"examples per perturbation group m: 1 = 1-SAM, 0 = whole batch "
                    f"(default {d.m})")
     p.add_argument("--noise", type=float, default=d.noise_rate, dest="noise_rate",
                    help=f"label-noise rate in [0, 1) (default {d.noise_rate})")
@@ -370,6 +370,24 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Options renamed so that torchrun's parser never takes one of ours for an abbreviation of its
+#: own (``--m`` matched ``--max-restarts``, ``--monitor-interval``, ``--module``...): the old
+#: spelling still works outside torchrun, with a notice, but is not an option of the parser.
+RENAMED = {"--m": "--group-size"}
+
+
+def _renamed(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in RENAMED:
+            print(f"sam-diagnostics: note: {name} is now {RENAMED[name]} (the old name "
+                  "cannot pass through torchrun)", file=sys.stderr)
+            arg = RENAMED[name] + eq + value
+        out.append(arg)
+    return out
+
+
 _COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "summary": _cmd_summary,
              "plot": _cmd_plot, "validate": _cmd_validate}
 
@@ -377,6 +395,7 @@ _COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "summary": _cmd_summary,
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sam-diagnostics`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
+    argv = _renamed(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error (already printed)
