@@ -173,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, sweep=True)
     p.add_argument("--out", required=True, help="the folder of runs")
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs in parallel, one process each (default 1)")
+                   help="runs in parallel: the worker processes (one thread each) of a local "
+                   "dask cluster (default 1: one run after the other in this process)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="submit the runs to the running dask cluster whose scheduler is at "
+                   "ADDRESS (e.g. tcp://10.0.0.5:8786; see docs/scale.md) instead")
 
     p = sub.add_parser("summary", help="table of best/final test accuracy per run and over "
                        "seeds", description="Best test accuracy and its epoch, final test "
@@ -274,13 +278,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise _Fail(f"cannot write to --out {str(out_dir)!r}: permission denied")
     _set_threads(args.threads)
-    threads = args.threads if args.threads is not None else max(
-        1, (os.cpu_count() or 1) // args.jobs)
-    if args.jobs == 1 or len(todo) == 1:
+    local = args.scheduler is None and (args.jobs == 1 or len(todo) == 1)
+    if local:
         _sigterm_to_exit()
-    failed = run_sweep(todo, jobs=args.jobs, threads=threads, flush_every=args.flush_every,
-                       progress=not args.no_progress and args.jobs == 1,
-                       echo=lambda line: print(line, flush=True))
+    failed = run_sweep(todo, jobs=args.jobs, threads=args.threads if local else args.threads or 1,
+                       flush_every=args.flush_every, progress=not args.no_progress and local,
+                       echo=lambda line: print(line, flush=True), scheduler=args.scheduler)
     if failed:
         print(f"sam-diagnostics sweep: error: {len(failed)} of {len(todo)} runs failed "
               "(see above)", file=sys.stderr)
