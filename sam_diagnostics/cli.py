@@ -297,11 +297,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _collect(paths: Sequence[str]) -> list[Path]:
-    from .runs import find_runs
+    from .runs import find_runs, glob_runs
 
     runs: list[Path] = []
     for p in paths:
-        runs.extend(find_runs(p))
+        if not Path(p).expanduser().exists() and any(c in str(p) for c in "*?["):
+            runs.extend(glob_runs(p))  # a pattern the shell did not expand (quoted)
+        else:
+            runs.extend(find_runs(p))
     return list(dict.fromkeys(runs))
 
 
@@ -353,14 +356,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import MissingVariableError, plot_standard
-    from .runs import merge_runs, open_run
+    from .runs import open_run, open_runs
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise _Fail(f"--out {args.out!r} exists and is not a folder")
     runs = _readable(_collect(args.runs))
     try:
-        ds = open_run(runs[0], warn=False) if len(runs) == 1 else merge_runs(runs)
+        # many runs: lazily (dask), each figure reads only its variables
+        ds = open_run(runs[0], warn=False) if len(runs) == 1 else open_runs(runs)
     except ValueError as err:
         raise _Fail(str(err)) from None
     try:
