@@ -15,6 +15,8 @@ Examples
         --rho 0.03 0.05 --epochs 100 --out runs/ --jobs 2
     sam-diagnostics summary runs/
     sam-diagnostics validate run.zarr
+    torchrun --nproc_per_node 2 -m sam_diagnostics train --optimizer sam --group-size 1 \\
+        --out run.zarr
 
 A bad configuration (unknown name, a value out of range, missing data, an existing output
 without ``--overwrite``, an output another process is writing, a path that cannot be written,
@@ -37,7 +39,7 @@ from .data import NOISE_MODES, dataset_names
 from .models import MODELS
 from .runs import EmptyRunError, NotARunError
 from .schema import OPTIMIZER_NAMES
-from .train import ConfigError, TrainConfig
+from .train import AMP_MODES, ConfigError, TrainConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -138,7 +140,15 @@ def _add_run_options(p: argparse.ArgumentParser, *, sweep: bool) -> None:
                    metavar="STEPS", help="also record every this many steps (default: off)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the official binary CIFAR-10 files (cifar10 only)")
-    p.add_argument("--device", default=d.device, help=f"torch device (default {d.device})")
+    p.add_argument("--device", default=d.device, help=f"torch device (default {d.device}; "
+                   "under torchrun 'cuda' is each rank's cuda:LOCAL_RANK)")
+    p.add_argument("--amp", choices=AMP_MODES, default=d.amp,
+                   help="bf16: autocast the training forward passes to bfloat16; SAM's ε and "
+                   f"the update use float32 gradients (default {d.amp})")
+    if not sweep:
+        p.add_argument("--sync-epsilon", choices=("global", "replica"), default=d.sync_epsilon,
+                       help="under torchrun with --group-size 0: the global batch's ε "
+                       "(default: the run of one process) or each rank's own")
     p.add_argument("--flush-every", type=int, default=16, metavar="RECORDS",
                    help="recorded steps buffered per zarr append (default 16; 1 = every record)")
     p.add_argument("--threads", type=int, default=None,
@@ -247,7 +257,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     ds = train(cfg, out, progress=not args.no_progress, overwrite=args.overwrite,
                flush_every=args.flush_every)
-    print(f"{out}: {run_summary_line(ds, time.perf_counter() - start)}")
+    if ds is not None:  # under torchrun: rank 0, the store's writer
+        print(f"{out}: {run_summary_line(ds, time.perf_counter() - start)}")
     return 0
 
 
