@@ -406,7 +406,10 @@ def _train(cfg: TrainConfig, store: RunStore | None, progress: bool, rank: int =
     # each fetch indexes the dataset with a whole batch of positions: no per-example collate
     loader = DataLoader(splits.train, sampler=sampler, batch_size=None)
     steps_per_epoch = len(loader)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+    # no cache of the bf16 weight casts: SAM moves the weights to w + ε in place between the
+    # passes of one step, and a cached cast would evaluate the perturbed pass at w
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16",
+                         cache_enabled=False)
     config = {**cfg.attrs(), **({"world_size": world, "sync_epsilon": cfg.sync_epsilon}
                                 if world > 1 else {})}
 
