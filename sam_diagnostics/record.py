@@ -98,7 +98,7 @@ def _all_gather(obj: Any, group: Any, world: int) -> list[Any]:
     return out
 
 
-def rank0_creates(create, *, group: Any = None, distributed: bool | None = None):
+def rank0_creates(create, *, group: Any = None, distributed: bool = True):
     """``create()`` on rank 0 only (``None`` on the others); an error on rank 0 is raised on
     every rank, so all of them stop before training (the store's one writer is rank 0).
 
@@ -186,16 +186,18 @@ class Recorder:
         Passed to :class:`~sam_diagnostics.store.RunStore` when ``out`` is a path.
     keep : bool, optional
         Keep every record in memory (default: only when ``out`` is ``None``).
-    distributed : bool, optional
-        Record a ``torchrun`` / DistributedDataParallel job (default: when a
-        ``torch.distributed`` process group of more than one rank is initialized). Construct
-        the Recorder on every rank with the same arguments and the unwrapped (or wrapped)
-        model: each rank measures its contiguous share of the probe set (whole groups of
-        ``m``; with ``m = None``, one ε for the whole probe set, rank 0 measures it all) and of
-        the evaluation splits; the shares are gathered so that rank 0, the store's only
-        writer, appends one record with the global example ids, equal to what one process
-        measures (no ``rank`` dimension). ``out`` is created by rank 0 only; the other ranks
-        keep nothing (:meth:`dataset` is rank 0's).
+    distributed : bool
+        Record a ``torchrun`` / DistributedDataParallel job from every rank together (needs an
+        initialized ``torch.distributed`` process group). Off by default, so that a Recorder
+        made in one rank only (as the Lightning and transformers integrations do) never waits
+        for the others. With it, construct the Recorder on every rank with the same arguments
+        and the unwrapped (or wrapped) model, and call it on every rank. Each rank measures
+        its contiguous share of the probe set (whole groups of ``m``; with ``m = None``, one ε
+        for the whole probe set, rank 0 measures it all) and of the evaluation splits; the
+        shares are gathered so that rank 0, the store's only writer, appends one record with
+        the global example ids, equal to what one process measures (no ``rank`` dimension).
+        ``out`` is created by rank 0 only; the other ranks keep nothing (:meth:`dataset` is
+        rank 0's).
     process_group : optional
         The ``torch.distributed`` group (default: the world).
     live : path, callable, sink or list, optional
@@ -254,7 +256,7 @@ class Recorder:
         chunk_steps: int = 16,
         keep: bool | None = None,
         live: Any = None,
-        distributed: bool | None = None,
+        distributed: bool = False,
         process_group: Any = None,
     ):
         # ---- every argument is checked before anything is created or measured
