@@ -12,7 +12,7 @@ from .perturb import epsilon, group_slices, perturbed, sam_epsilon
 from .probe import Probe
 from .record import Recorder
 from .rules import register_rule
-from .runs import merge_runs, open_run, to_netcdf, validate_run
+from .runs import merge_runs, open_run, open_runs, to_netcdf, validate_run
 from .train import TrainConfig, train
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "Recorder",
     "open_run",
     "merge_runs",
+    "open_runs",
     "to_netcdf",
     "validate_run",
     "train",

@@ -7,7 +7,7 @@ Examples
 --------
 ::
 
-    sam-diagnostics train --dataset digits --optimizer sam --m 1 --noise 0.3 --epochs 3 \\
+    sam-diagnostics train --dataset digits --optimizer sam --group-size 1 --noise 0.3 --epochs 3 \\
         --out run.zarr
     sam-diagnostics summary run.zarr
     sam-diagnostics plot run.zarr --out figs
@@ -15,6 +15,8 @@ Examples
         --rho 0.03 0.05 --epochs 100 --out runs/ --jobs 2
     sam-diagnostics summary runs/
     sam-diagnostics validate run.zarr
+    torchrun --nproc_per_node 2 -m sam_diagnostics train --optimizer sam --group-size 1 \\
+        --out run.zarr
 
 A bad configuration (unknown name, a value out of range, missing data, an existing output
 without ``--overwrite``, an output another process is writing, a path that cannot be written,
@@ -37,7 +39,7 @@ from .data import NOISE_MODES, dataset_names
 from .models import MODELS
 from .runs import EmptyRunError, NotARunError
 from .schema import OPTIMIZER_NAMES
-from .train import ConfigError, TrainConfig
+from .train import AMP_MODES, ConfigError, TrainConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -107,8 +109,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, sweep: bool) -> None:
                        help=f"SAM radius, also the probe's SAM-view radius (default {d.rho})")
         p.add_argument("--seed", type=int, default=d.seed, help="seed of noise, split, probe, "
                        f"init and batch order (default {d.seed})")
-    p.add_argument("--m", type=int, default=d.m,
-                   help=f"examples per perturbation group: 1 = 1-SAM, 0 = whole batch "
+    p.add_argument("--group-size", type=int, default=d.m, dest="m", metavar="M",
+                   help=f"examples per perturbation group m: 1 = 1-SAM, 0 = whole batch "
                    f"(default {d.m})")
     p.add_argument("--noise", type=float, default=d.noise_rate, dest="noise_rate",
                    help=f"label-noise rate in [0, 1) (default {d.noise_rate})")
@@ -138,7 +140,15 @@ def _add_run_options(p: argparse.ArgumentParser, *, sweep: bool) -> None:
                    metavar="STEPS", help="also record every this many steps (default: off)")
     p.add_argument("--data-dir", default=None,
                    help="folder with the official binary CIFAR-10 files (cifar10 only)")
-    p.add_argument("--device", default=d.device, help=f"torch device (default {d.device})")
+    p.add_argument("--device", default=d.device, help=f"torch device (default {d.device}; "
+                   "under torchrun 'cuda' is each rank's cuda:LOCAL_RANK)")
+    p.add_argument("--amp", choices=AMP_MODES, default=d.amp,
+                   help="bf16: autocast the training forward passes to bfloat16; SAM's ε and "
+                   f"the update use float32 gradients (default {d.amp})")
+    if not sweep:
+        p.add_argument("--sync-epsilon", choices=("global", "replica"), default=d.sync_epsilon,
+                       help="under torchrun with --group-size 0: the global batch's ε "
+                       "(default: the run of one process) or each rank's own")
     p.add_argument("--flush-every", type=int, default=16, metavar="RECORDS",
                    help="recorded steps buffered per zarr append (default 16; 1 = every record)")
     p.add_argument("--threads", type=int, default=None,
@@ -173,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p, sweep=True)
     p.add_argument("--out", required=True, help="the folder of runs")
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs in parallel, one process each (default 1)")
+                   help="runs in parallel: the worker processes (one thread each) of a local "
+                   "dask cluster (default 1: one run after the other in this process)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="submit the runs to the running dask cluster whose scheduler is at "
+                   "ADDRESS (e.g. tcp://10.0.0.5:8786; see docs/scale.md) instead")
 
     p = sub.add_parser("summary", help="table of best/final test accuracy per run and over "
                        "seeds", description="Best test accuracy and its epoch, final test "
@@ -243,7 +257,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     ds = train(cfg, out, progress=not args.no_progress, overwrite=args.overwrite,
                flush_every=args.flush_every)
-    print(f"{out}: {run_summary_line(ds, time.perf_counter() - start)}")
+    if ds is not None:  # under torchrun: rank 0, the store's writer
+        print(f"{out}: {run_summary_line(ds, time.perf_counter() - start)}")
     return 0
 
 
@@ -274,13 +289,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise _Fail(f"cannot write to --out {str(out_dir)!r}: permission denied")
     _set_threads(args.threads)
-    threads = args.threads if args.threads is not None else max(
-        1, (os.cpu_count() or 1) // args.jobs)
-    if args.jobs == 1 or len(todo) == 1:
+    local = args.scheduler is None and (args.jobs == 1 or len(todo) == 1)
+    if local:
         _sigterm_to_exit()
-    failed = run_sweep(todo, jobs=args.jobs, threads=threads, flush_every=args.flush_every,
-                       progress=not args.no_progress and args.jobs == 1,
-                       echo=lambda line: print(line, flush=True))
+    failed = run_sweep(todo, jobs=args.jobs, threads=args.threads if local else args.threads or 1,
+                       flush_every=args.flush_every, progress=not args.no_progress and local,
+                       echo=lambda line: print(line, flush=True), scheduler=args.scheduler)
     if failed:
         print(f"sam-diagnostics sweep: error: {len(failed)} of {len(todo)} runs failed "
               "(see above)", file=sys.stderr)
@@ -294,11 +308,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _collect(paths: Sequence[str]) -> list[Path]:
-    from .runs import find_runs
+    from .runs import find_runs, glob_runs
 
     runs: list[Path] = []
     for p in paths:
-        runs.extend(find_runs(p))
+        if not Path(p).expanduser().exists() and any(c in str(p) for c in "*?["):
+            runs.extend(glob_runs(p))  # a pattern the shell did not expand (quoted)
+        else:
+            runs.extend(find_runs(p))
     return list(dict.fromkeys(runs))
 
 
@@ -350,14 +367,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .plots import MissingVariableError, plot_standard
-    from .runs import merge_runs, open_run
+    from .runs import open_run, open_runs
 
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise _Fail(f"--out {args.out!r} exists and is not a folder")
     runs = _readable(_collect(args.runs))
     try:
-        ds = open_run(runs[0], warn=False) if len(runs) == 1 else merge_runs(runs)
+        # many runs: lazily (dask), each figure reads only its variables
+        ds = open_run(runs[0], warn=False) if len(runs) == 1 else open_runs(runs)
     except ValueError as err:
         raise _Fail(str(err)) from None
     try:
@@ -370,6 +388,24 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Options renamed so that torchrun's parser never takes one of ours for an abbreviation of its
+#: own (``--m`` matched ``--max-restarts``, ``--monitor-interval``, ``--module``...): the old
+#: spelling still works outside torchrun, with a notice, but is not an option of the parser.
+RENAMED = {"--m": "--group-size"}
+
+
+def _renamed(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name in RENAMED:
+            print(f"sam-diagnostics: note: {name} is now {RENAMED[name]} (the old name "
+                  "cannot pass through torchrun)", file=sys.stderr)
+            arg = RENAMED[name] + eq + value
+        out.append(arg)
+    return out
+
+
 _COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "summary": _cmd_summary,
              "plot": _cmd_plot, "validate": _cmd_validate}
 
@@ -377,6 +413,7 @@ _COMMANDS = {"train": _cmd_train, "sweep": _cmd_sweep, "summary": _cmd_summary,
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``sam-diagnostics`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
+    argv = _renamed(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:  # --help, --version, or a usage error (already printed)

@@ -76,6 +76,62 @@ def _nan_like(ds: xr.Dataset) -> xr.Dataset:
     return out
 
 
+def _dist_world(distributed: bool | None, group: Any) -> tuple[int, int]:
+    """``(rank, world size)`` of the process group (``(0, 1)`` when not distributed)."""
+    if distributed is False:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if distributed:
+            raise ValueError("distributed=True needs an initialized torch.distributed process "
+                             "group (torch.distributed.init_process_group)")
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather(obj: Any, group: Any, world: int) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def rank0_creates(create, *, group: Any = None, distributed: bool = True):
+    """``create()`` on rank 0 only (``None`` on the others); an error on rank 0 is raised on
+    every rank, so all of them stop before training (the store's one writer is rank 0).
+
+    Not distributed: just ``create()``.
+    """
+    rank, world = _dist_world(distributed, group)
+    if world == 1:
+        return create()
+    result, error, message = None, None, None
+    if rank == 0:
+        try:
+            result = create()
+        except BaseException as err:  # re-raised below, after the others know
+            error, message = err, f"{type(err).__name__}: {err}"
+    message = _all_gather(message, group, world)[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not create the run store: {message}")
+    return result
+
+
+def _shard(n: int, rank: int, world: int, unit: int | None) -> slice:
+    """This rank's contiguous share of ``n`` items in whole units of ``unit`` (None: all on
+    rank 0)."""
+    if world == 1:
+        return slice(0, n)
+    if unit is None:
+        return slice(0, n) if rank == 0 else slice(0, 0)
+    groups = -(-n // unit)
+    return slice(min(n, rank * groups // world * unit), min(n, (rank + 1) * groups // world * unit))
+
+
 class Recorder:
     """Instrument a training loop: probe diagnostics and training curves on a schedule.
 
@@ -130,6 +186,20 @@ class Recorder:
         Passed to :class:`~sam_diagnostics.store.RunStore` when ``out`` is a path.
     keep : bool, optional
         Keep every record in memory (default: only when ``out`` is ``None``).
+    distributed : bool
+        Record a ``torchrun`` / DistributedDataParallel job from every rank together (needs an
+        initialized ``torch.distributed`` process group). Off by default, so that a Recorder
+        made in one rank only (as the Lightning and transformers integrations do) never waits
+        for the others. With it, construct the Recorder on every rank with the same arguments
+        and the unwrapped (or wrapped) model, and call it on every rank. Each rank measures
+        its contiguous share of the probe set (whole groups of ``m``; with ``m = None``, one ε
+        for the whole probe set, rank 0 measures it all) and of the evaluation splits; the
+        shares are gathered so that rank 0, the store's only writer, appends one record with
+        the global example ids, equal to what one process measures (no ``rank`` dimension).
+        ``out`` is created by rank 0 only; the other ranks keep nothing (:meth:`dataset` is
+        rank 0's).
+    process_group : optional
+        The ``torch.distributed`` group (default: the world).
     live : path, callable, sink or list, optional
         Mirror each record's summary scalars (:mod:`sam_diagnostics.live`: clean/noisy logit
         scale and its SAM/SGD ratio, norms, accuracies) to TensorBoard (a log directory) or to
@@ -186,10 +256,16 @@ class Recorder:
         chunk_steps: int = 16,
         keep: bool | None = None,
         live: Any = None,
+        distributed: bool = False,
+        process_group: Any = None,
     ):
         # ---- every argument is checked before anything is created or measured
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # measured without gradient synchronisation
+        self.rank, self.world = _dist_world(distributed, process_group)
+        self.group = process_group
         if out is not None and not isinstance(out, (str, PathLike, RunStore)):
             raise TypeError(f"out must be a path, a RunStore or None, got {type(out).__name__}")
         if config is not None and not isinstance(config, Mapping):
@@ -258,6 +334,7 @@ class Recorder:
         self._template: xr.Dataset | None = None
         self._device_cache: tuple[torch.device, tuple[Tensor, Tensor]] | None = None
         self.records: list[xr.Dataset] = []
+        self._shares: dict[int, NoisyDataset] = {}  # this rank's share of each split
         self.probe_head: str | None = None
         self._closed = False
 
@@ -275,18 +352,22 @@ class Recorder:
             "complete": 0,
         })
         # ---- the store is created now: a taken or unwritable path fails before any work
+        if self.world > 1:
+            self.attrs["world_size"] = self.world
         if isinstance(out, RunStore):
             self.store: RunStore | None = out
             out.attrs.update({**self.attrs, **out.attrs, "complete": 0})
         elif out is None:
             self.store = None
         else:
-            self.store = RunStore(out, attrs=self.attrs, overwrite=overwrite,
-                                  flush_every=flush_every, flush_seconds=flush_seconds,
-                                  chunk_steps=chunk_steps)
+            attrs = self.attrs
+            self.store = rank0_creates(
+                lambda: RunStore(out, attrs=attrs, overwrite=overwrite, flush_every=flush_every,
+                                 flush_seconds=flush_seconds, chunk_steps=chunk_steps),
+                group=process_group, distributed=self.world > 1)
         self.attrs = {**self.attrs, **(self.store.attrs if self.store is not None else {})}
-        self.keep = (self.store is None) if keep is None else bool(keep)
-        self.live = as_sinks(live)
+        self.keep = (self.store is None and self.rank == 0) if keep is None else bool(keep)
+        self.live = as_sinks(live) if self.rank == 0 else []
         if record_initial:
             try:
                 self.record()
@@ -353,20 +434,30 @@ class Recorder:
         device = _model_device(self.model)
         x, y = self._probe_tensors(device)
         p = self.probe_set
-        n = x.shape[0]
-        size = self.probe_batch_size or n
-        parts = []
+        share = _shard(x.shape[0], self.rank, self.world, self.m)
+        size = self.probe_batch_size or max(1, share.stop - share.start)
+        parts: list[Any] = []
+        error: str | None = None
         try:
-            for start in range(0, n, size):
-                s = slice(start, start + size)
+            for start in range(share.start, share.stop, size):
+                s = slice(start, min(start + size, share.stop))
                 parts.append(self.probe.measure(
                     x[s], y[s], rho=self.rho, m=self.m,
                     example_ids=p.example_ids[s].numpy(), is_noisy=p.is_noisy[s].numpy(),
                     true_labels=p.true_labels[s].numpy()))
         except NonFiniteError as err:
-            if self._template is None:
+            if self.world == 1 and self._template is None:
                 raise
-            warnings.warn(f"step {self.global_step}: probe not measurable ({err}); "
+            error = str(err)
+        if self.world > 1:  # every rank gets every share (the ranks decide alike)
+            gathered = _all_gather((parts, error), self.group, self.world)
+            errors = [e for _, e in gathered if e is not None]
+            error = errors[0] if errors else None
+            parts = [part for ps, _ in gathered for part in ps]
+            if error is not None and self._template is None:
+                raise NonFiniteError(error)
+        if error is not None:
+            warnings.warn(f"step {self.global_step}: probe not measurable ({error}); "
                           "recording NaN", RuntimeWarning, stacklevel=3)
             return _nan_like(self._template)
         if len(parts) == 1:
@@ -396,26 +487,42 @@ class Recorder:
         return (torch.cat(correct).cpu().numpy(),
                 torch.cat(losses).to("cpu", torch.float64).numpy())
 
+    def _evaluate_all(self, data: NoisyDataset) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_evaluate` over the whole split, each rank on its contiguous share."""
+        if self.world == 1:
+            return self._evaluate(data)
+        if id(data) not in self._shares:
+            share = _shard(len(data), self.rank, self.world, 1)
+            self._shares[id(data)] = data.subset(np.arange(share.start, share.stop))
+        mine = self._evaluate(self._shares[id(data)])
+        gathered = _all_gather(mine, self.group, self.world)
+        return (np.concatenate([c for c, _ in gathered]),
+                np.concatenate([loss for _, loss in gathered]))
+
     def _curves(self) -> dict[str, float]:
         def mean(a: np.ndarray) -> float:
             return float(a.mean()) if a.size else math.nan
 
         curves = dict.fromkeys(CURVES, math.nan)
         if self.train is not None:
-            correct, loss = self._evaluate(self.train)
+            correct, loss = self._evaluate_all(self.train)
             noisy = self.train.is_noisy.numpy()
             curves.update(train_loss=mean(loss), train_accuracy=mean(correct),
                           clean_train_accuracy=mean(correct[~noisy]),
                           noisy_train_accuracy=mean(correct[noisy]))
         if self.test is not None:
-            correct, loss = self._evaluate(self.test)
+            correct, loss = self._evaluate_all(self.test)
             curves.update(test_loss=mean(loss), test_accuracy=mean(correct))
         if self.val is not None:
-            curves["val_accuracy"] = mean(self._evaluate(self.val)[0])
+            curves["val_accuracy"] = mean(self._evaluate_all(self.val)[0])
         if self._loss_pending:
             self._loss_sum += float(torch.stack(self._loss_pending).double().sum())
             self._loss_count += len(self._loss_pending)
             self._loss_pending.clear()
+        if self.world > 1:  # equal shards: the global batch's mean is the mean over ranks
+            sums = _all_gather((self._loss_sum, self._loss_count), self.group, self.world)
+            self._loss_sum = math.fsum(a for a, _ in sums)
+            self._loss_count = sum(k for _, k in sums)
         if self._loss_count:
             curves["batch_loss"] = self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = 0.0, 0

@@ -39,7 +39,8 @@ from .schema import (
 from .store import NETCDF_SUFFIXES, clean_attrs, is_zarr_dir, read_lock
 
 __all__ = ["NotARunError", "EmptyRunError", "IncompleteRunWarning", "Validation",
-           "open_run", "validate_run", "find_runs", "merge_runs", "to_netcdf", "run_label"]
+           "open_run", "open_runs", "validate_run", "find_runs", "merge_runs", "to_netcdf",
+           "run_label"]
 
 #: Per-example coordinates; :func:`merge_runs` gives them a ``run`` dimension.
 _EXAMPLE_COORDS = ("is_noisy", "label", "true_label")
@@ -112,7 +113,8 @@ def _incomplete_message(p: Path, ds: xr.Dataset) -> str:
             f"{ds.sizes.get('step', 0)} recorded steps flushed so far")
 
 
-def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> xr.Dataset:
+def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True,
+             chunks: Any = None) -> xr.Dataset:
     """Open one stored run (a zarr store or a netCDF file).
 
     Only zarr and netCDF readers are used: nothing in the file is executed or unpickled.
@@ -127,6 +129,9 @@ def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> x
         Read everything into memory and close the file (default); ``False`` keeps it lazy.
     warn : bool
         Warn when the run is incomplete.
+    chunks : dict or "auto", optional
+        Open lazily as dask arrays with these chunks (``{}``: the store's own chunks);
+        implies ``load=False``.
 
     Raises
     ------
@@ -150,7 +155,7 @@ def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> x
     if p.is_file():
         engine = _netcdf_engine()
         try:
-            ds = xr.open_dataset(p, engine=engine, decode_times=False)
+            ds = xr.open_dataset(p, engine=engine, decode_times=False, chunks=chunks)
         except Exception as err:
             raise NotARunError(f"{str(p)!r} is not a run: not a netCDF file "
                                f"({type(err).__name__})") from None
@@ -159,7 +164,7 @@ def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> x
         raise NotARunError(f"{str(p)!r} is not a run: it is {kind}")
     else:
         try:
-            ds = xr.open_zarr(p, consolidated=_has_consolidated(p), chunks=None,
+            ds = xr.open_zarr(p, consolidated=_has_consolidated(p), chunks=chunks,
                               decode_times=False)
         except Exception as err:
             raise NotARunError(f"{str(p)!r} is not a readable run store "
@@ -180,7 +185,7 @@ def open_run(path: str | PathLike, *, load: bool = True, warn: bool = True) -> x
         why = (f"it is being written by pid {writer.get('pid')} on host {writer.get('host')}"
                if writer else "the run stopped before its first write completed")
         raise EmptyRunError(f"{str(p)!r} holds no finished step yet: {why}")
-    if load:
+    if load and chunks is None:
         ds = ds.load()
         ds.close()
     if warn and "complete" in ds.attrs and int(ds.attrs["complete"]) != 1:
@@ -392,6 +397,85 @@ def merge_runs(
         else:
             datasets.append(open_run(_as_path(item, "each run"), warn=False))
             default_names.append(run_label(item))
+    return _merge(datasets, default_names, names)
+
+
+def glob_runs(pattern: str) -> list[Path]:
+    """The runs (zarr stores, netCDF files) whose paths match the glob ``pattern``."""
+    import glob
+
+    paths = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser())))
+    runs = [p for p in paths if not p.name.startswith(".") and (
+        is_zarr_dir(p) or p.is_file() and p.suffix in NETCDF_SUFFIXES)]
+    if not runs:
+        raise FileNotFoundError(f"no runs (zarr stores or netCDF files) match {pattern!r}")
+    return runs
+
+
+def open_runs(
+    runs: str | PathLike | Iterable[str | PathLike],
+    *,
+    names: Sequence[str] | None = None,
+    chunks: Any = None,
+) -> xr.Dataset:
+    """Many stored runs as one lazily loaded Dataset over a ``run`` dimension.
+
+    Like :func:`merge_runs` (same layout: configuration as ``run`` coordinates, ``step``
+    outer-joined, ``example`` as positions with ids in ``example_id``), but nothing is read
+    beyond the metadata and the coordinates: every data variable is a dask array with one
+    chunk per run and stored chunk, read when computed (``.compute()``, ``.values``, a plot).
+    Memory then grows with what a computation touches, not with the number of runs: a
+    summary of the training curves of hundreds of runs reads only the curves.
+
+    Parameters
+    ----------
+    runs : path, glob pattern or iterable of paths
+        A folder of runs (see :func:`find_runs`), one run, a pattern such as
+        ``"runs/sam-*.zarr"``, or paths. Stores that hold no step yet are skipped with a
+        warning.
+    names : sequence of str, optional
+        Values of the ``run`` coordinate (default: the store names without suffix).
+    chunks : dict, optional
+        dask chunks of each run (default ``{}``: the stores' own chunks, e.g. 16 steps x all
+        probe examples).
+
+    Returns
+    -------
+    xarray.Dataset
+        dask-backed; ``sam_diagnostics.summary.summary_table`` and ``sam-diagnostics plot``
+        take it as they take :func:`merge_runs`'s result.
+
+    Examples
+    --------
+    >>> ds = open_runs("runs/*.zarr")  # doctest: +SKIP
+    >>> ds.test_accuracy.max("step").groupby("optimizer").mean().compute()  # doctest: +SKIP
+    """
+    if isinstance(runs, (str, PathLike)):
+        text = str(runs)
+        paths = glob_runs(text) if any(c in text for c in "*?[") else find_runs(runs)
+    else:
+        paths = [_as_path(r, "each run") for r in runs]
+    if not paths:
+        raise ValueError("open_runs needs at least one run")
+    datasets, default_names, kept_names = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            datasets.append(open_run(path, warn=False, chunks={} if chunks is None else chunks))
+        except EmptyRunError as err:
+            warnings.warn(f"skipped: {' '.join(str(err).split())}", IncompleteRunWarning,
+                          stacklevel=2)
+            continue
+        default_names.append(run_label(path))
+        if names is not None:
+            kept_names.append(names[i])
+    if not datasets:
+        raise EmptyRunError("no run holds a recorded step yet")
+    return _merge(datasets, default_names, kept_names if names is not None else None)
+
+
+def _merge(datasets: list[xr.Dataset], default_names: list[str],
+           names: Sequence[str] | None) -> xr.Dataset:
+    """merge_runs' concatenation of opened runs (lazy when they are)."""
     if names is None:
         seen: dict[str, int] = {}
         names = []

@@ -85,6 +85,8 @@ def summary_table(runs: xr.Dataset | str | PathLike | Iterable[str | PathLike]) 
     rows = []
     if isinstance(runs, xr.Dataset):
         if "run" in runs.dims:
+            # the curves only, read at once (open_runs: lazily; per-example data never read)
+            runs = runs[[c for c in CURVES if c in runs.data_vars]].compute()
             for name in runs["run"].values:
                 one = runs.sel(run=name)
                 one.attrs = {**runs.attrs, **{k: one[k].item() for k in CONFIG_KEYS

@@ -3,8 +3,9 @@
 :func:`plan_sweep` names one run store per configuration (:func:`run_filename`),
 :func:`pending_runs` keeps those not finished yet (a finished run is skipped, an unfinished one
 redone, one being written by another live process is left to it, a run of another
-configuration is refused) and :func:`run_sweep` runs them, one process per job
-(``concurrent.futures``; the dask-based scheduler of a later issue can replace this function).
+configuration is refused) and :func:`run_sweep` runs them: in this process, on a
+``dask.distributed`` LocalCluster (``jobs`` worker processes), or on any dask cluster given by
+its scheduler's address (Slurm/PBS through dask-jobqueue, Kubernetes...; ``docs/scale.md``).
 
 Examples
 --------
@@ -17,10 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from .runs import EmptyRunError, NotARunError, open_run
@@ -134,42 +134,80 @@ def _failure(path: Path, err: BaseException) -> str:
     return f"{path}: failed: {message}"
 
 
+def _outcome(path: Path, call: Callable[[], str], failed: list[Path]) -> str:
+    """The run's line: its summary, ``skipped`` (another writer took it) or ``failed``."""
+    try:
+        return call()
+    except StoreLockedError as err:
+        return f"{path}: skipped: {' '.join(str(err).split())}"
+    except Exception as err:  # any failure of one run is reported; the sweep goes on
+        failed.append(path)
+        return _failure(path, err)
+
+
+def _cluster(jobs: int, scheduler: str | None):
+    """A dask client: on the scheduler at ``scheduler``, else on a new LocalCluster of
+    ``jobs`` worker processes with one thread each; returns ``(client, cluster or None)``."""
+    import logging
+
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        return Client(scheduler, timeout="30s"), None
+    cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR,
+                           env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    return Client(cluster), cluster
+
+
 def run_sweep(todo: Sequence[tuple[TrainConfig, Path]], *, jobs: int = 1,
               threads: int | None = None, flush_every: int = 16, progress: bool = False,
-              echo: Callable[[str], None] = print) -> list[Path]:
-    """Run ``todo`` (``jobs`` processes); print one line per run; return the failed paths.
+              echo: Callable[[str], None] = print, scheduler: str | None = None) -> list[Path]:
+    """Run ``todo``; print one line per finished run (``[i/N] ...``); return the failed paths.
 
-    A run that fails (a full disk, ...) is reported in one line and the others go on; a run
-    another process started meanwhile (e.g. a second sweep of the same folder) is left to it.
+    With ``jobs == 1`` and no ``scheduler`` the runs go one after the other in this process.
+    Otherwise each run is one task of a ``dask.distributed`` cluster: a ``LocalCluster`` of
+    ``jobs`` worker processes (one thread each) started here, or the existing cluster whose
+    scheduler listens at ``scheduler`` (e.g. ``"tcp://10.0.0.5:8786"``, a Slurm or Kubernetes
+    cluster of dask-jobqueue / dask-kubernetes; its workers must see ``todo``'s paths). In a
+    task, torch uses ``threads`` threads (default 1).
+
+    A run that fails (a full disk, a worker that dies, ...) is reported in one line and the
+    others go on; a run another process started meanwhile (e.g. a second sweep of the same
+    folder) is left to it. Runs are deterministic: a run's store is the same whichever way it
+    ran (with the same torch thread count).
 
     Examples
     --------
-    >>> failed = run_sweep(pending_runs(plan), jobs=2, threads=1)  # doctest: +SKIP
+    >>> failed = run_sweep(pending_runs(plan), jobs=2)  # doctest: +SKIP
+    >>> failed = run_sweep(pending_runs(plan), scheduler="tcp://10.0.0.5:8786")  # doctest: +SKIP
     """
     failed: list[Path] = []
-    expected = (ConfigError, OSError, ValueError)
-    if jobs == 1 or len(todo) == 1:
+    if scheduler is None and (jobs == 1 or len(todo) == 1):
         for i, (cfg, path) in enumerate(todo, 1):
-            try:
-                line = _worker(dataclasses.asdict(cfg), str(path), None, flush_every, progress)
-            except StoreLockedError as err:
-                line = f"{path}: skipped: {' '.join(str(err).split())}"
-            except expected as err:
-                line = _failure(path, err)
-                failed.append(path)
+            line = _outcome(path, lambda cfg=cfg, path=path: _worker(
+                dataclasses.asdict(cfg), str(path), threads, flush_every, progress), failed)
             echo(f"[{i}/{len(todo)}] {line}")
         return failed
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = {pool.submit(_worker, dataclasses.asdict(cfg), str(path), threads,
-                               flush_every): path for cfg, path in todo}
+    from dask.distributed import as_completed
+
+    client, cluster = _cluster(jobs, scheduler)
+    try:
+        where = (f"the dask scheduler at {scheduler}" if cluster is None
+                 else f"a local dask cluster of {jobs} worker processes")
+        workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        echo(f"sweep: {len(todo)} runs on {where} ({workers} workers now)")
+        futures = {client.submit(_worker, dataclasses.asdict(cfg), str(path),
+                                 threads if threads is not None else 1, flush_every,
+                                 key=f"sam-diagnostics-{path.name}-{uuid.uuid4().hex[:8]}",
+                                 pure=False, retries=0): path
+                   for cfg, path in todo}
         for i, future in enumerate(as_completed(futures), 1):
-            try:
-                line = future.result()
-            except StoreLockedError as err:
-                line = f"{futures[future]}: skipped: {' '.join(str(err).split())}"
-            except expected as err:
-                line = _failure(futures[future], err)
-                failed.append(futures[future])
-            echo(f"[{i}/{len(todo)}] {line}")
+            path = futures[future]
+            echo(f"[{i}/{len(todo)}] {_outcome(path, future.result, failed)}")
+            future.release()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
     return failed

@@ -29,7 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from .data import NOISE_MODES, dataset_names, load_dataset
 from .models import MODELS, build_model
-from .record import Recorder
+from .record import Recorder, rank0_creates
 from .schema import OPTIMIZER_NAMES, m_from_disk
 from .store import RunStore
 
@@ -37,7 +37,11 @@ __all__ = ["ConfigError", "OPTIMIZER_NAMES", "TrainConfig", "train", "run_summar
 
 #: Fields that describe where/how a run executes, not what it computes: not stored as attrs
 #: and not compared when a sweep decides whether an existing run is the one asked for.
-RUNTIME_FIELDS: tuple[str, ...] = ("data_dir", "device")
+RUNTIME_FIELDS: tuple[str, ...] = ("data_dir", "device", "sync_epsilon", "amp")
+
+#: Mixed-precision modes of ``amp``: ``"bf16"`` runs the training forward passes under
+#: ``torch.autocast`` in bfloat16 (float32's exponent range: no loss scaling needed).
+AMP_MODES: tuple[str, ...] = ("off", "bf16")
 
 
 class ConfigError(ValueError):
@@ -92,7 +96,16 @@ class TrainConfig:
     data_dir : str or None
         Folder with the CIFAR-10 binary files.
     device : str
-        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... Under ``torchrun``, ``"cuda"`` means each
+        rank's ``cuda:LOCAL_RANK``.
+    sync_epsilon : {"global", "replica"}
+        Under ``torchrun`` with ``m = 0``: one ε from the global batch's gradient (default, the
+        same run as one process) or each rank's own ε (m-sharpness with the local batch).
+        Stored (with ``world_size``) only for runs of more than one process.
+    amp : {"off", "bf16"}
+        Autocast the training forward passes to bfloat16 (the SAM perturbation and the
+        update use the float32 gradients; the probe and the curves are measured in float32).
+        Stored only when on.
     """
 
     dataset: str = "mnist1d"
@@ -119,6 +132,8 @@ class TrainConfig:
     eval_batch_size: int = 1024
     data_dir: str | None = None
     device: str = "cpu"
+    sync_epsilon: str = "global"
+    amp: str = "off"
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -136,6 +151,13 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ConfigError(
                 f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZER_NAMES)}")
+        if self.sync_epsilon not in ("global", "replica"):
+            raise ConfigError(f"sync_epsilon must be 'global' or 'replica', got "
+                              f"{self.sync_epsilon!r}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r} "
+                              "(float16 would need loss scaling of SAM's two passes; bfloat16 "
+                              "does not)")
         if self.noise_mode not in NOISE_MODES:
             raise ConfigError(
                 f"unknown noise mode {self.noise_mode!r}; choose from {', '.join(NOISE_MODES)}")
@@ -186,6 +208,8 @@ class TrainConfig:
                 continue
             value = getattr(self, f.name)
             out[f.name] = 0 if value is None else value  # n_samples None -> 0 (= all)
+        if self.amp != "off":
+            out["amp"] = self.amp
         return out
 
 
@@ -223,6 +247,30 @@ def run_summary_line(ds: xr.Dataset, seconds: float | None = None) -> str:
     return ", ".join(parts)
 
 
+def _distributed(cfg: TrainConfig) -> tuple[int, int, bool]:
+    """``(rank, world size, whether we initialized the process group)``.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the process group is
+    initialized from the environment: gloo on CPU, NCCL on CUDA (each rank on
+    ``cuda:LOCAL_RANK``).
+    """
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    if not dist.is_available():
+        raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+    cuda = torch.device(cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
 def train(
     config: TrainConfig | Mapping[str, Any],
     out: str | PathLike | None = None,
@@ -231,8 +279,17 @@ def train(
     overwrite: bool = False,
     flush_every: int = 16,
     flush_seconds: float = 30.0,
-) -> xr.Dataset:
+) -> xr.Dataset | None:
     """Train one model with one optimizer and record it.
+
+    Under ``torchrun`` (or in a process group initialized beforehand), run the same call in
+    every rank: the model is wrapped in ``DistributedDataParallel``, each global batch of
+    ``batch_size`` examples (drawn as in one process) is split into equal shares, one per
+    rank (``batch_size`` must be a multiple of the world size; the last batch of an epoch is
+    trimmed to one), and the run is the one process would train (exactly so for 1-SAM, group
+    SAM and, with ``sync_epsilon="global"``, batch SAM). Each rank measures its share of the
+    probe set and of the evaluation splits; rank 0 gathers them and is the store's only
+    writer.
 
     Parameters
     ----------
@@ -245,7 +302,7 @@ def train(
         written raises at once (``FileExistsError``, ``StoreLockedError``, ``OSError``).
         ``None`` keeps the run in memory only.
     progress : bool
-        Show a tqdm progress bar (on stderr).
+        Show a tqdm progress bar (on stderr; rank 0 only).
     overwrite : bool
         Replace an existing, finished or killed, run at ``out`` (never one being written).
     flush_every, flush_seconds : int, float
@@ -253,30 +310,78 @@ def train(
 
     Returns
     -------
-    xarray.Dataset
-        The recorded run (SPEC section 3), with attrs ``complete=1``.
+    xarray.Dataset or None
+        The recorded run (SPEC section 3), with attrs ``complete=1`` (``None`` on the ranks
+        other than 0 of a distributed run).
     """
     cfg = _config(config).validate()
     if out is not None and not isinstance(out, (str, PathLike)):
         raise TypeError(f"out must be a path or None, got {type(out).__name__}")
-    store = None
-    if out is not None:
-        store = RunStore(out, attrs=cfg.attrs(), overwrite=overwrite, flush_every=flush_every,
-                         flush_seconds=flush_seconds)
+    rank, world, created = _distributed(cfg)
     try:
-        return _train(cfg, store, progress)
-    except BaseException:
-        if store is not None:
-            store.discard()  # no step written: remove it (and put back a replaced run)
-        raise
+        if world > 1 and cfg.batch_size % world:
+            raise ConfigError(f"batch size {cfg.batch_size} is not a multiple of the "
+                              f"{world} ranks (each takes an equal share of every batch)")
+        store = None
+        if out is not None:
+            attrs = {**cfg.attrs(), **({"world_size": world, "sync_epsilon": cfg.sync_epsilon}
+                                       if world > 1 else {})}
+            store = rank0_creates(lambda: RunStore(
+                out, attrs=attrs, overwrite=overwrite, flush_every=flush_every,
+                flush_seconds=flush_seconds), distributed=world > 1)
+        try:
+            return _train(cfg, store, progress and rank == 0, rank, world)
+        except BaseException:
+            if store is not None:
+                store.discard()  # no step written: remove it (and put back a replaced run)
+            raise
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, store: RunStore | None, progress: bool) -> xr.Dataset:
+class _ShardedBatches:
+    """This rank's equal share of every batch of ``batches`` (the last batch trimmed to a
+    multiple of ``world``; a batch of fewer than ``world`` examples skipped)."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __iter__(self):
+        for batch in self.batches:
+            share = len(batch) // self.world
+            if share:
+                yield batch[self.rank * share:(self.rank + 1) * share]
+
+    def __len__(self) -> int:
+        n = len(self.batches.sampler)
+        full, rest = divmod(n, self.batches.batch_size)
+        return full + (rest >= self.world)
+
+
+def _stepper(cfg: TrainConfig, model: torch.nn.Module, net: torch.nn.Module):
+    """The run's optimizer over ``net`` (the DDP wrapper of ``model``, or ``model``)."""
+    from .optim import SAM, make_optimizer
+
+    if cfg.optimizer in ("sam", "lsam", "jsam") and net is not model:
+        base = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                               momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return SAM(net, base, rho=cfg.rho, m=m_from_disk(cfg.m), variant=cfg.optimizer,
+                   sync_epsilon=cfg.sync_epsilon)
+    return make_optimizer(cfg.optimizer, net, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, rho=cfg.rho, m=m_from_disk(cfg.m),
+                          gamma_act=cfg.gamma_act, gamma_weight=cfg.gamma_weight)
+
+
+def _train(cfg: TrainConfig, store: RunStore | None, progress: bool, rank: int = 0,
+           world: int = 1) -> xr.Dataset | None:
     from tqdm.auto import tqdm
 
-    from .optim import make_optimizer
-
     device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         splits = load_dataset(cfg.dataset, noise=cfg.noise_rate, noise_mode=cfg.noise_mode,
                               seed=cfg.seed, val_fraction=cfg.val_fraction,
@@ -286,28 +391,37 @@ def _train(cfg: TrainConfig, store: RunStore | None, progress: bool) -> xr.Datas
     try:
         model = build_model(cfg.model, splits.input_shape, splits.num_classes, width=cfg.width,
                             seed=cfg.seed).to(device)
-        stepper = make_optimizer(cfg.optimizer, model, lr=cfg.lr, momentum=cfg.momentum,
-                                 weight_decay=cfg.weight_decay, rho=cfg.rho,
-                                 m=m_from_disk(cfg.m), gamma_act=cfg.gamma_act,
-                                 gamma_weight=cfg.gamma_weight)
+        net = model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        stepper = _stepper(cfg, model, net)
     except ValueError as err:  # e.g. a model that does not fit the data's input shape
         raise ConfigError(str(err)) from err
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = BatchSampler(RandomSampler(splits.train, generator=generator), cfg.batch_size,
-                           drop_last=False)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same batches on every rank
+    sampler: Any = BatchSampler(RandomSampler(splits.train, generator=generator),
+                                cfg.batch_size, drop_last=False)
+    if world > 1:
+        sampler = _ShardedBatches(sampler, rank, world)
     # each fetch indexes the dataset with a whole batch of positions: no per-example collate
     loader = DataLoader(splits.train, sampler=sampler, batch_size=None)
     steps_per_epoch = len(loader)
+    # no cache of the bf16 weight casts: SAM moves the weights to w + ε in place between the
+    # passes of one step, and a cached cast would evaluate the perturbed pass at w
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16",
+                         cache_enabled=False)
+    config = {**cfg.attrs(), **({"world_size": world, "sync_epsilon": cfg.sync_epsilon}
+                                if world > 1 else {})}
 
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
         rec = Recorder(model, store, probe=cfg.probe_size, train=splits.train,
-                       test=splits.test, val=splits.val, config=cfg.attrs(),
+                       test=splits.test, val=splits.val, config=config,
                        every_epochs=cfg.record_every, every_steps=cfg.record_every_steps,
                        steps_per_epoch=steps_per_epoch, rho=cfg.rho, m=m_from_disk(cfg.m),
                        probe_seed=cfg.seed, eval_batch_size=cfg.eval_batch_size,
-                       keep=store is None)
+                       keep=store is None and rank == 0, distributed=world > 1)
         bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not progress, unit="step",
                    desc=f"{cfg.optimizer} seed {cfg.seed}", dynamic_ncols=True, leave=True)
         try:
@@ -317,7 +431,8 @@ def _train(cfg: TrainConfig, store: RunStore | None, progress: bool) -> xr.Datas
                     for inputs, targets, _ in loader:
                         inputs = inputs.to(device, non_blocking=True)
                         targets = targets.to(device, non_blocking=True)
-                        loss = stepper.step(inputs, targets)
+                        with amp:  # forward passes in bf16; gradients and ε in float32
+                            loss = stepper.step(inputs, targets)
                         record = rec.step(loss)
                         bar.update(1)
                         if record is not None and "test_accuracy" in record:
@@ -328,4 +443,4 @@ def _train(cfg: TrainConfig, store: RunStore | None, progress: bool) -> xr.Datas
                     rec.record()  # the final state, if the schedule skipped it
         finally:
             bar.close()
-    return rec.dataset()
+    return rec.dataset() if rank == 0 else None

@@ -45,7 +45,7 @@ def test_python_dash_m_and_console_script_help():
 
 def test_train_summary_plot_end_to_end(tmp_path, capsys):
     run = tmp_path / "run.zarr"
-    assert main(["train", *TINY, "--optimizer", "sam", "--m", "1", "--noise", "0.3",
+    assert main(["train", *TINY, "--optimizer", "sam", "--group-size", "1", "--noise", "0.3",
                  "--epochs", "2", "--out", str(run)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "best test acc" in out[0] and "sam" in out[0]
