@@ -100,9 +100,9 @@ def logit_grad(loss_fn, logits: Tensor, targets: Tensor) -> Tensor:
     """``δ_i = ∂ℓ_i/∂z_i`` as a constant (per example, unscaled), the loss checked."""
     if loss_fn is per_example_loss:
         check_head(logits.detach(), targets)
-    with torch.enable_grad():
-        z = logits.detach().requires_grad_(True)
-        loss = loss_fn(z, targets)
+    with torch.enable_grad():  # in float32 or better (bf16/fp16 logits under autocast)
+        z = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+        loss = loss_fn(z.requires_grad_(True), targets)
         check_loss(loss, z)
         (d,) = torch.autograd.grad(loss.sum(), z)
     return d

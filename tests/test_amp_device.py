@@ -29,15 +29,16 @@ def _bf16_error(m, rho=0.5, **autocast):
 
 @pytest.mark.parametrize("m", [1, 3, None])
 def test_sam_gradient_under_bf16_autocast_as_train_uses_it(m):
-    # train's autocast has cache_enabled=False (see the next test); bf16 has 8 bits
-    assert _bf16_error(m, cache_enabled=False) < 1e-2
+    # train's autocast has cache_enabled=False; bf16 keeps 8 significant bits (0.4 % per
+    # rounding), so a few roundings along the passes give ~1 %; a perturbation lost to the
+    # weight cache was 63 %
+    assert _bf16_error(m, cache_enabled=False) < 2e-2
 
 
-@pytest.mark.xfail(strict=True, reason="autocast's cache of bf16 weight casts hides the "
-                   "in-place w + eps of group/batch SAM: the perturbed pass runs at w (63 % "
-                   "error at rho 0.5); train disables the cache, SAM itself does not (optim/)")
+# regression: autocast's cache of bf16 weight casts hid the in-place w + eps of group/batch SAM
+# (the perturbed pass ran at w, 63 % error at rho 0.5); perturbed() now clears that cache
 def test_batch_sam_gradient_under_default_autocast():
-    assert _bf16_error(None) < 1e-2
+    assert _bf16_error(None) < 2e-2
 
 
 @pytest.mark.parametrize("m", [1, 0])

@@ -43,7 +43,7 @@ def test_main_job_code_path_at_tiny_size(tmp_path):
 def test_readme_cli_lines(tmp_path):
     lines = [line.strip() for line in README.splitlines()
              if line.strip().startswith("sam-diagnostics ") and "sweep" not in line]
-    assert len(lines) == 4
+    assert len(lines) == 5
     for line in lines:
         argv = line.split()
         if argv[1] == "train":
