@@ -72,12 +72,10 @@ def jacobian_cases(cfg: Config, model: nn.Module, x, y, quick: bool = False) -> 
     n = _sub(cfg, B, quick, NAIVE_SUB)
     ne = _sub(cfg, B, quick, EXACT_JAC_SUB)
     gen = torch.Generator().manual_seed(0)
-    fast_targets = [("faster", "exact (torch.func vmap)")]
-    if cfg.name == "mlp":
-        fast_targets = [("ratio", 4.0)] + fast_targets + [("speedup", "exact (torch.func vmap)",
-                                                           100.0)]
-    elif cfg.name == "cnn":
-        fast_targets = [("ratio", 7.0)] + fast_targets
+    # issue 10: MLP ≤ 4×, CNN and transformer ≤ 6×, ≥ 1.5× faster than torch.func and the loop
+    fast_targets = [("ratio", {"mlp": 4.0, "cnn": 6.0, "transformer": 6.0}[cfg.name]),
+                    ("speedup", "exact (torch.func vmap)", 1.5),
+                    ("speedup", "naive loop (autograd per example × class)", 1.5)]
     return [
         Case("fwd+bwd", lambda: fwd_bwd(model, x, y), baseline=True),
         Case("fast", lambda: lambda: sd.jacobian_norms(model, x, method="fast"),
@@ -135,10 +133,12 @@ def _opacus(model, x, y):
 def grad_cases(cfg: Config, model: nn.Module, x, y, quick: bool = False) -> list[Case]:
     B = x.shape[0]
     n = _sub(cfg, B, quick, NAIVE_SUB)
-    fast_targets = [("faster", "exact (torch.func vmap)"), ("faster", "BackPACK BatchL2Grad"),
-                    ("faster", "Opacus ghost clipping")]
+    # issue 10: MLP ≤ 1.0×, CNN ≤ 1.6×, ahead of BackPACK and Opacus where they run
+    fast_targets = [("speedup", "exact (torch.func vmap)", 1.5),
+                    ("speedup", "naive loop (autograd per example)", 1.5),
+                    ("faster", "BackPACK BatchL2Grad"), ("faster", "Opacus ghost clipping")]
     if cfg.name in ("mlp", "cnn"):
-        fast_targets = [("ratio", 1.3 if cfg.name == "mlp" else 1.6)] + fast_targets
+        fast_targets = [("ratio", 1.0 if cfg.name == "mlp" else 1.6)] + fast_targets
     return [
         Case("fwd+bwd", lambda: fwd_bwd(model, x, y), baseline=True),
         Case("fast", lambda: lambda: sd.grad_norms(model, x, y, method="fast"),
