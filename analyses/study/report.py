@@ -180,7 +180,9 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
         if not res.get("table"):
             lines += [f"**{tables.LABELS[v]}**: not run.", ""]
             continue
-        edge = " — **on the edge of the grid**" if res.get("on_edge") else ""
+        edge = res.get("on_edge")
+        edge = ("" if not edge else f" — **on the edge of the grid: {edge}**"
+                if isinstance(edge, str) else " — **on the edge of the grid**")
         lines += [f"**{tables.LABELS[v]}**{edge}:", "", tables.tuning_table(res, v), ""]
     lines += _figure_lines(figures.tuning(choices, fig_dir), base)
 
