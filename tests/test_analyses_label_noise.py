@@ -64,7 +64,8 @@ def test_stages_resume_and_report(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "FINAL_SEEDS", (0, 1))
     s = dataclasses.replace(protocol.SETTINGS["mnist1d-mlp"], epochs=2, tune_epochs=2,
                             rho={"sam": (0.03, 0.05), "lsam": (0.1,), "jsam": (0.03,),
-                                 "adareg": (0.1,)}, gammas=(1e-2,), sizes=(1000, None),
+                                 "adareg": (0.1,)}, gammas=(1e-2,), gammas_v=None,
+                            sizes=(1000, None),
                             widths=())
     study = driver.Study(tmp_path, s, log=lambda m: None)
     for stage in ("tune-sam", "main", "tune-ada", "ada", "tune-reg", "reg", "wd", "size"):

@@ -61,8 +61,14 @@ class Study:
         result["grid"] = list(grid)
         result["complete"] = len(finished(runs, self.root)) == len(runs)
         if result["choice"] is not None:
-            edge = result["choice"] in (grid[0], grid[-1])
-            result["on_edge"] = bool(edge) and variant != "regsgd"
+            if variant == "regsgd":  # which penalty sits at an end of its own axis
+                axes = (self.s.gammas, self.s.gammas_v or self.s.gammas)
+                ends = [f"{n} = {v:g} ({'lower' if v == min(ax) else 'upper'} end)"
+                        for n, v, ax in zip(("γ_a", "γ_V"), result["choice"], axes)
+                        if v in (min(ax), max(ax))]
+                result["on_edge"] = "; ".join(ends) if ends else False
+            else:
+                result["on_edge"] = result["choice"] in (grid[0], grid[-1])
         sgd = self._scores([self.s.run("sgd", seed, group=group, tuning=True) for seed in seeds],
                            lambda r: "sgd")
         result["sgd_val"] = sgd.get("sgd", {})

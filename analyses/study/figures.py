@@ -122,18 +122,25 @@ def curves(root, cfg, all_runs, fig_dir: Path, name: str, prefix: str = "") -> l
     paths += _save(fig, fig_dir, prefix + "accuracy")
     last = max(marks.values()) if marks else None
     window = None if last is None else max(10.0, 2.0 * last)
-    mech = [("penultimate_activation_norm", "penultimate activation ‖a‖", "mean ‖a_i‖"),
-            ("last_layer_weight_norm", "last-layer weight ‖V‖_F", "‖V‖_F"),
-            ("ls_ratio", "SAM up-weighting: logit-scale ratio\nat w+ε_i / at w", "ratio")]
-    for suffix, xmax in (("_early", window), ("_full", None)):
-        fig = plot_curves(df, mech, marks=marks, colors=colors, xmax=xmax,
+    norms = [("penultimate_activation_norm", "penultimate activation ‖a‖ (log)", "mean ‖a_i‖"),
+             ("last_layer_weight_norm", "last-layer weight ‖V‖_F (log)", "‖V‖_F")]
+    # finding 1 is about the time before the peak: each method up to its own best-val epoch
+    ratio = df[df["variable"] == "ls_ratio"]
+    pre = ratio[ratio["epoch"] <= ratio["label"].map(marks).fillna(-1)].assign(
+        variable="ls_ratio_pre")
+    df = pd.concat([df, pre], ignore_index=True)
+    early = [*norms, ("ls_ratio_pre", "SAM up-weighting before the peak:\nlogit-scale ratio "
+                      "at w+ε_i / at w,\neach method up to its best-val epoch", "ratio")]
+    full = [*norms, ("ls_ratio", "logit-scale ratio at w+ε_i / at w,\nwhole run (log)",
+                     "ratio")]
+    for suffix, xmax, panels in (("_early", window, early), ("_full", None, full)):
+        fig = plot_curves(df, panels, marks=marks, colors=colors, xmax=xmax,
                           log=("penultimate_activation_norm", "last_layer_weight_norm",
-                               "ls_ratio") if xmax is None else (),
-                          robust=("penultimate_activation_norm", "last_layer_weight_norm",
-                                  "ls_ratio"),
+                               "ls_ratio"),
+                          robust=("ls_ratio_pre",),
                           title=f"{name}: the mechanism "
                                 + (f"up to and past the early-stopping epochs (to epoch "
-                                   f"{xmax:.0f})" if xmax else "over the whole run (log y)"))
+                                   f"{xmax:.0f})" if xmax else "over the whole run"))
         paths += _save(fig, fig_dir, prefix + "mechanism" + suffix)
     return paths
 

@@ -180,7 +180,9 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
         if not res.get("table"):
             lines += [f"**{tables.LABELS[v]}**: not run.", ""]
             continue
-        edge = " — **on the edge of the grid**" if res.get("on_edge") else ""
+        edge = res.get("on_edge")
+        edge = ("" if not edge else f" — **on the edge of the grid: {edge}**"
+                if isinstance(edge, str) else " — **on the edge of the grid**")
         lines += [f"**{tables.LABELS[v]}**{edge}:", "", tables.tuning_table(res, v), ""]
     lines += _figure_lines(figures.tuning(choices, fig_dir), base)
 
@@ -205,7 +207,7 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
                              _sel(fin, method="adareg", rho=r)))
     table, seeds_of = tables.comparison(fin, main_cfg, sgd, sam)
     lines += ["### Main comparison: every SAM variant at 1-SAM's ρ (the paper's ablation)", "",
-              f"Fresh seeds {', '.join(map(str, FINAL_SEEDS))}, {setting.epochs} epochs, test "
+              f"Fresh seeds {FINAL_SEEDS[0]}–{FINAL_SEEDS[-1]}; {setting.epochs} epochs; test "
               "evaluated every epoch. Accuracies in %: mean ± 95% t-interval half-width; Δ: "
               "paired difference to SGD over seeds [95% interval]. The share of the 1-SAM gap "
               "is printed only where the 1-SAM − SGD interval excludes 0 (best test / at "
@@ -232,7 +234,8 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
               "‖a‖: mean penultimate activation norm over the 256 probe examples; ‖V‖: last-layer "
               "weight norm; both at each run's best-validation epoch and at the end. Logit-scale "
               "ratio: geometric mean over probe examples of ‖δ_i(w+ε_i)‖/‖δ_i(w)‖ (ε_i the 1-SAM "
-              f"offset of radius ρ = {rho:g} for every method), averaged over the epochs up to "
+              f"offset of radius ρ = {rho:g}; the adaptive regularizer at its own ρ uses that), "
+              "averaged over the epochs up to "
               "the best-validation epoch. Mean ± 95% interval over seeds.", "",
               tables.mechanism_table(df, mech_cfg), ""]
     findings += _mechanism_findings(setting.name, mech_cfg)
@@ -255,7 +258,11 @@ def setting_section(root: Path, docs: Path | None, setting) -> tuple[list[str], 
         ab = ab[ab["seed"].isin(range(3))]
         other = "width" if key == "n_samples" else "n_samples"
         ab = ab[ab[other] == (256 if other == "width" else 0)]
+        what = (" (the noisy pool before its 10% validation split; the test set is unchanged)"
+                if key == "n_samples" else " (both hidden layers of the MLP)")
         lines += [f"### Ablation: {title} (SGD vs 1-SAM at ρ = {rho:g}, seeds 0–2)", "",
+                  f"Varied: {title}{what}; everything else as in the main comparison, "
+                  "1-SAM's ρ not retuned.", "",
                   tables.ablation_table(ab, key, title), ""]
         lines += _figure_lines(figures.ablation(ab, key, title, fig_dir, setting.name), base)
     return lines, findings
@@ -291,9 +298,10 @@ def _main_findings(name: str, seeds_of: dict, cfg) -> list[str]:
                 continue
             d_sgd, r_sgd = tables.diff(seeds_of[lab][metric], sgd[metric])
             d_sam, r_sam = tables.diff(seeds_of[lab][metric], sam[metric])
-            verdict = ("keeps 1-SAM's gain" if r_sgd and not r_sam else
-                       "no better than SGD" if not r_sgd and r_sam else
-                       "between SGD and 1-SAM" if r_sgd and r_sam else "not resolved")
+            verdict = ("above SGD, not distinguishable from 1-SAM" if r_sgd and not r_sam else
+                       "below 1-SAM, not distinguishable from SGD" if not r_sgd and r_sam else
+                       "between SGD and 1-SAM" if r_sgd and r_sam else
+                       "distinguishable from neither")
             if r_sam and paired(seeds_of[lab][metric], sam[metric])[0] > 0:
                 verdict = "better than 1-SAM"
             parts.append(f"{lab}: {d_sgd} vs SGD, {d_sam} vs 1-SAM → {verdict}")
@@ -369,6 +377,26 @@ def _mechanism_findings(name: str, cfg) -> list[str]:
     return out
 
 
+def _adareg_note(root: Path) -> list[str]:
+    text = ("*Adaptive reg.* (`optimizer=\"adareg\"`, `sam_diagnostics.optim."
+            "AdaptiveRegularizedSGD`) is SGD on ℓ_i + ½ sg[ρ/N_i]·(sg[‖δ_i‖²]‖a_i‖² + "
+            "sg[‖u_i‖²+1]‖D_i Vᵀ sg[δ_i]‖²): the exact J-SAM step of the top two layers (SPEC 2.5 "
+            "with the network below as a fixed feature map u → a = ReLU(W u + c), N_i the norm "
+            "of the per-example gradient of those layers), with per-example stop-gradient "
+            "weights instead of regularized SGD's constant γ's; one forward and one backward.")
+    cost = Path(root) / "adareg_cost.json"
+    if cost.exists():
+        data = json.loads(cost.read_text())
+        nan = float("nan")
+        cells = ", ".join(f"{name}: {r.get('adareg', nan):.2f}× (reg. SGD "
+                          f"{r.get('regsgd', nan):.2f}×, 1-SAM {r.get('sam', nan):.2f}×)"
+                          for name, r in data.get("ratio_to_sgd", {}).items())
+        text += (f" Step time relative to one SGD step (median of {data.get('steps')} "
+                 f"interleaved steps, batch {data.get('batch')}, 1 thread; `python "
+                 f"analyses/adareg_cost.py`): {cells}.")
+    return [text, ""]
+
+
 def full_report(root: Path, docs: Path | None, settings, argv) -> dict:
     text_settings, findings = [], []
     for setting in settings:
@@ -400,6 +428,7 @@ def full_report(root: Path, docs: Path | None, settings, argv) -> dict:
                    "reused)"
                    + (f"; settings not run at all: {', '.join(missing)}" if missing else "")
                    + ".", ""]
+    header += _adareg_note(root)
     header += ["Data: 30% symmetric label noise on the training and validation splits; clean "
                "test set. Optimizer: SGD, momentum 0.9, lr 0.05, batch 128, constant lr, no "
                "weight decay unless stated. *best test (paper)* is the best test accuracy over "

@@ -182,7 +182,9 @@ def _diff3(a: dict, b: dict) -> str:
 def ablation_table(df: pd.DataFrame, key: str, title: str) -> str:
     lines = [f"| {title} | seeds | SGD best test % | 1-SAM best test % | 1-SAM − SGD best test "
              "(paired) | 1-SAM − SGD at best-val epoch (paired) |", "|---|---|---|---|---|---|"]
-    for value, sub in df.groupby(key, sort=True):
+    groups = dict(tuple(df.groupby(key, sort=True)))
+    for value in sorted(groups, key=lambda v: (v == 0, v)):  # 0 = the whole pool, last
+        sub = groups[value]
         sgd, sam = sub[sub["method"] == "sgd"], sub[sub["method"] == "sam"]
         if not len(sgd) or not len(sam):
             continue

@@ -11,7 +11,6 @@ import seaborn as sns
 import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
 
 from .frames import _as_runs, _hue, _require, _view, _view_ratio, _xcol, run_table, to_long
 from .style import (
@@ -20,6 +19,7 @@ from .style import (
     MissingVariableError,
     _figure,
     _legend,
+    _plain_log,
     _style,
     _suptitle,
 )
@@ -231,9 +231,7 @@ def plot_logit_scale(ds: xr.Dataset) -> Figure:
                 ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
                 if "log" in when:
                     ax.set_yscale("log")
-                    plain = FuncFormatter(lambda v, _: f"{v:g}")
-                    ax.yaxis.set_major_formatter(plain)
-                    ax.yaxis.set_minor_formatter(plain)
+                    _plain_log(ax)
                 else:
                     _robust_ylim(ax, part)
                 ax.set_title("SAM up-weighting: logit scale at\n"
@@ -351,9 +349,7 @@ def plot_norms(ds: xr.Dataset) -> Figure:
             ax.set_ylabel(ylabel)
             if not sub["view"].eq("sam/sgd").any() and (sub["value"] > 0).all():
                 ax.set_yscale("log")  # norms span decades when one method runs away
-                plain = FuncFormatter(lambda v, _: f"{v:g}")
-                ax.yaxis.set_major_formatter(plain)
-                ax.yaxis.set_minor_formatter(plain)
+                _plain_log(ax)
             if sub["view"].eq("sam/sgd").any():  # reference line, without rescaling the axis
                 ylim = ax.get_ylim()
                 ax.axhline(1.0, color="0.4", lw=0.8, ls=":")

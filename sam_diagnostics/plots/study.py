@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .style import _figure, _style, method_color
+from .style import _figure, _plain_log, _style, method_color
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262}
@@ -169,8 +169,9 @@ def plot_curves(df: pd.DataFrame, panels: Sequence[tuple[str, str, str]], *,
     ``df`` columns: ``label`` (hue), ``seed``, ``epoch``, ``variable``, ``value`` and optional
     ``subset`` ("clean" solid / "noisy" dashed). ``panels`` = (variable, title, y label).
     ``marks`` = {label: early-stopping epoch}: a dotted vertical line per method. Variables in
-    ``log`` get a log y axis; those in ``robust`` get y limits from the 1st-99th percentiles of
-    the mean curves, so one runaway method does not flatten the others (it leaves the panel).
+    ``log`` get a log y axis (mean lines only, no sd band); those in ``robust`` get y limits
+    from the 1st-99th percentiles of the mean curves, so one runaway method does not flatten
+    the others (it leaves the panel).
     """
     with _style():
         fig, axes = _figure(len(panels), ncols=min(ncols, len(panels)), panel=(4.0, 3.0))
@@ -186,7 +187,7 @@ def plot_curves(df: pd.DataFrame, panels: Sequence[tuple[str, str, str]], *,
                 m, s = g.mean(), g.std().fillna(0)
                 ls = "--" if subset == "noisy" else "-"
                 ax.plot(m.index, m.values, color=colors[lab], ls=ls, lw=1.4)
-                if ls == "-":
+                if ls == "-" and var not in log:  # no sd band on log axes (mean - sd < 0)
                     ax.fill_between(m.index, m - s, m + s, color=colors[lab], alpha=0.12, lw=0)
                 means.append(m.values)
             if marks:
@@ -195,6 +196,7 @@ def plot_curves(df: pd.DataFrame, panels: Sequence[tuple[str, str, str]], *,
                         ax.axvline(epoch, color=colors[lab], ls=":", lw=1.1)
             if var in log:
                 ax.set_yscale("log")
+                _plain_log(ax)
             if var in robust and means:
                 lim = _robust_limits(np.concatenate(means), var in log)
                 if lim:
@@ -203,7 +205,8 @@ def plot_curves(df: pd.DataFrame, panels: Sequence[tuple[str, str, str]], *,
             ax.set_ylabel(ylabel)
             ax.set_xlabel("epoch")
         handles = [Line2D([], [], color=c, lw=2, label=lab) for lab, c in colors.items()]
-        if "subset" in df and df["subset"].eq("noisy").any():
+        shown = df[df["variable"].isin([var for var, _, _ in panels])]
+        if "subset" in shown and shown["subset"].eq("noisy").any():
             handles += [Line2D([], [], ls="none", label=""),
                         Line2D([], [], color="0.3", label="clean probe examples"),
                         Line2D([], [], color="0.3", ls="--", label="noisy probe examples")]

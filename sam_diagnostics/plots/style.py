@@ -243,3 +243,15 @@ def save_figure(
 
         plt.close(fig)
     return paths
+
+
+def _plain_log(ax) -> None:
+    """Plain numbers on a log y axis (1, 2, 5, 10, 20, ...), no 10^k notation."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(v, _):
+        lead = v / 10 ** math.floor(math.log10(v)) if v > 0 else 0
+        return f"{v:g}" if round(lead) in (2, 5) and abs(lead - round(lead)) < 1e-6 else ""
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
