@@ -76,7 +76,7 @@ RUN_ATTRS: dict[str, object] = {
 VIEWS: tuple[str, ...] = ("sgd", "sam")
 
 #: Optimizer names of :class:`~sam_diagnostics.train.TrainConfig` and the CLI.
-OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "sam", "lsam", "jsam", "regsgd")
+OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "sam", "lsam", "jsam", "regsgd", "adareg")
 
 #: Jacobian-norm methods of :func:`~sam_diagnostics.jacobian_norms` (stored as ``probe_method``).
 PROBE_METHODS: tuple[str, ...] = ("auto", "exact", "fast", "hutchinson")

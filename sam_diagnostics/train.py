@@ -64,7 +64,7 @@ class TrainConfig:
     ----------
     dataset : {"digits", "mnist1d", "gaussian", "cifar10"}
     model : {"linear", "mlp", "cnn", "resnet18", "two_layer_linear"}
-    optimizer : {"sgd", "sam", "lsam", "jsam", "regsgd"}
+    optimizer : {"sgd", "sam", "lsam", "jsam", "regsgd", "adareg"}
     rho : float
         SAM radius (also the radius of the probe's SAM view, for every optimizer).
     m : int

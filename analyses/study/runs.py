@@ -7,7 +7,6 @@ the mechanism quantities per record) so that reports do not reopen hundreds of s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -72,24 +71,6 @@ class Run:
                            gamma_act=self.gamma_act, gamma_weight=self.gamma_weight,
                            weight_decay=self.weight_decay, n_samples=self.n_samples,
                            width=self.width, probe_size=self.probe_size, record_every=1)
-
-
-@contextlib.contextmanager
-def _optimizers_known_to_train():
-    """``sam_diagnostics.train`` lists optimizer names itself; let it accept every name that
-    ``sam_diagnostics.optim.make_optimizer`` knows (``adareg``) while the study trains."""
-    import importlib
-
-    from sam_diagnostics.optim import OPTIMIZERS
-
-    train_module = importlib.import_module("sam_diagnostics.train")  # the module, not train()
-
-    before = train_module.OPTIMIZER_NAMES
-    train_module.OPTIMIZER_NAMES = tuple(dict.fromkeys((*before, *OPTIMIZERS)))
-    try:
-        yield
-    finally:
-        train_module.OPTIMIZER_NAMES = before
 
 
 def _summary_path(store: Path) -> Path:
@@ -164,8 +145,7 @@ def _train_one(run: Run, root: str) -> tuple[str, float]:
         _summary_path(store).unlink(missing_ok=True)
     store.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with _optimizers_known_to_train():
-        train(run.config(), store, progress=False)
+    train(run.config(), store, progress=False)
     seconds = time.perf_counter() - start
     summary = summarize_store(store)
     summary["seconds"] = seconds

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..schema import OPTIMIZER_NAMES
 from .regularized import AdaptiveRegularizedSGD, RegularizedSGD, SGDStep
 from .sam import SAM, VARIANTS
 
 __all__ = ["SAM", "VARIANTS", "RegularizedSGD", "AdaptiveRegularizedSGD", "SGDStep", "OPTIMIZERS",
            "make_optimizer"]
 
-OPTIMIZERS = ("sgd", "sam", "lsam", "jsam", "regsgd", "adareg")
+OPTIMIZERS = OPTIMIZER_NAMES  # one list, in the torch-free schema
 
 
 def make_optimizer(name: str, model: nn.Module, *, lr: float, momentum: float = 0.9,
