@@ -248,6 +248,19 @@ class AdaptiveRegularizedSGD(SGDStep):
             lam = n2.clamp_min_(1e-30).rsqrt_().mul_(self.rho)
             return delta, back, lam * d2, (None if u2 is None else lam * u2)
 
+    def _forward(self, inputs: Tensor, targets: Tensor):
+        """``(inputs of the head and the layer below per call, logits, mean loss)``, checked."""
+        watched = {self.head: self._head,
+                   **({self.below: self._below} if self._below is not None else {})}
+        check_inputs(inputs)
+        with capture_inputs(watched) as acts:
+            logits = model_logits(self.model, inputs, self.output_fn)
+        if self.loss_fn is per_example_loss:
+            check_head(logits.detach(), targets)
+        losses = self.loss_fn(logits, targets)
+        check_loss(losses, logits)
+        return acts, logits, losses.mean()
+
     def step(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """One step of ``mean_i (ℓ_i + P_i)``: the penalty's gradients are added in closed form
         (a tensor hook on the head's input and one ``[C, width]`` product for ``V``), so the
@@ -258,15 +271,7 @@ class AdaptiveRegularizedSGD(SGDStep):
             return super().step(inputs, targets)
         self.base_optimizer.zero_grad(set_to_none=True)
         head, below = self._head, self._below
-        watched = {self.head: head, **({self.below: below} if below is not None else {})}
-        check_inputs(inputs)
-        with capture_inputs(watched) as acts:
-            logits = model_logits(self.model, inputs, self.output_fn)
-        if self.loss_fn is per_example_loss:
-            check_head(logits.detach(), targets)
-        losses = self.loss_fn(logits, targets)
-        check_loss(losses, logits)
-        loss = losses.mean()
+        acts, logits, loss = self._forward(inputs, targets)
         a = acts[self.head][-1]
         u = acts[self.below][-1] if below is not None else None
         delta, back, coef_a, coef_v = self._weights(logits, targets, a, u)
@@ -290,15 +295,7 @@ class AdaptiveRegularizedSGD(SGDStep):
         if not hasattr(self, "_mode"):
             self._setup(inputs)
         head, below = self._head, self._below
-        watched = {self.head: head, **({self.below: below} if below is not None else {})}
-        check_inputs(inputs)
-        with capture_inputs(watched) as acts:
-            logits = model_logits(self.model, inputs, self.output_fn)
-        if self.loss_fn is per_example_loss:
-            check_head(logits.detach(), targets)
-        losses = self.loss_fn(logits, targets)
-        check_loss(losses, logits)
-        loss = losses.mean()
+        acts, logits, loss = self._forward(inputs, targets)
         if self.rho == 0:
             return loss, loss
         B = inputs.shape[0]
