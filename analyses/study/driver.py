@@ -8,6 +8,7 @@ tuning runs (and cached in ``root/choices.json`` for the report).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .protocol import ABLATION_SEEDS, FINAL_SEEDS, TUNE_SEEDS, WEIGHT_DECAY, Setting
@@ -36,7 +37,11 @@ class Study:
         path = self.root / "choices.json"
         data = json.loads(path.read_text()) if path.exists() else {}
         data.setdefault(self.s.name, {})[name] = result
-        path.write_text(json.dumps(data, indent=1, default=str))
+        # atomic: settings may train in parallel processes sharing one root (the report
+        # recomputes every choice from the runs, so a lost update costs nothing)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, path)
 
     def tune(self, variant: str) -> dict:
         """Tune ``variant`` ("sam", "lsam", "jsam", "adareg" over ρ; "regsgd" over γ)."""
