@@ -80,6 +80,12 @@ def test_stages_resume_and_report(tmp_path, monkeypatch):
     assert "Δ vs SGD (paired 95% CI)" in text and "adaptive reg." in text
     assert "± " in text and "[" in text
     assert str(tmp_path) not in text  # relative paths only
+    # the summary across settings: one row per setting, paired intervals, "not run" where a
+    # stage did not run (L-SAM/J-SAM ran in main; the width stage is not part of this setting)
+    summary = text.split("## Summary across settings")[1].split("## What reproduces")[0]
+    row = next(line for line in summary.splitlines() if line.startswith("| mnist1d-mlp |"))
+    assert row.count("[") == 6 and "not run" not in row
+    assert "width:" not in text.split("Stages:")[1].split("\n")[0]
     for png in (docs / "figures" / "study" / "mnist1d-mlp").glob("*.png"):
         assert png.stat().st_size > 1000
     assert {"accuracy.png", "comparison.png", "tuning.png", "upweighting.png",

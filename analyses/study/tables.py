@@ -203,3 +203,30 @@ def paper_table() -> str:
     for m, v in PAPER.items():
         lines.append(f"| {LABELS[m]} | {v} | {(v - lo) / (hi - lo):.0%} |")
     return "\n".join(lines)
+
+
+#: The summary's columns: (heading, method label prefix, reference label prefix)
+SUMMARY = (("1-SAM − SGD", "1-SAM", "SGD"), ("J-SAM − 1-SAM", "J-SAM", "1-SAM"),
+           ("L-SAM − SGD", "L-SAM", "SGD"), ("reg. SGD − 1-SAM", "reg. SGD", "1-SAM"),
+           ("adaptive reg. − 1-SAM", "adaptive reg.", "1-SAM"),
+           ("adaptive reg. − reg. SGD", "adaptive reg.", "reg. SGD"))
+
+
+def summary_table(per_setting: dict[str, dict], metric: str) -> str:
+    """One row per setting of the main comparison (every variant at 1-SAM's ρ): paired
+    differences over seeds ``+d [lo, hi]`` in points; ``per_setting`` maps a setting to the
+    ``seeds_of`` of :func:`comparison` (the first label starting with a prefix is used, so the
+    adaptive regularizer is its tuned-ρ row)."""
+    cols = ["setting", *(c[0] for c in SUMMARY)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, seeds_of in per_setting.items():
+        def pick(prefix, seeds_of=seeds_of):
+            lab = next((lab for lab in seeds_of if lab == prefix or lab.startswith(prefix + " ")),
+                       None)
+            return seeds_of[lab][metric] if lab is not None else None
+        cells = [name]
+        for _, a, b in SUMMARY:
+            x, y = pick(a), pick(b)
+            cells.append(diff(x, y)[0] if x is not None and y is not None else "not run")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
