@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -93,3 +94,42 @@ def test_stages_resume_and_report(tmp_path, monkeypatch):
                                      (docs / "figures" / "study" / "mnist1d-mlp").iterdir()}
     choices = json.loads((tmp_path / "choices.json").read_text())
     assert choices["mnist1d-mlp"]["sam"]["choice"] in (0.03, 0.05)
+
+
+def test_a_choice_at_a_grid_end_extends_the_grid(tmp_path, monkeypatch):
+    """The grid rule: a chosen value at an end of its axis grows the axis one geometric step
+    past it (trained on the tuning seeds), at most EXTENSIONS times per end; an interior
+    choice stops it. Scores are synthetic functions of the grid value (no training)."""
+    s = dataclasses.replace(protocol.SETTINGS["mnist1d-mlp"],
+                            rho={"sam": (0.02, 0.05, 0.1), "jsam": (0.02, 0.05, 0.1)},
+                            gammas=(1e-3, 1e-2), gammas_v=(1e-2, 3e-2))
+    trained: list = []
+    peak = {"sam": 0.03, "jsam": 10.0}  # sam peaks below its grid; jsam keeps rising
+
+    def fake_scores(self, runs, key):
+        out: dict = {}
+        for r in runs:
+            if r.optimizer == "sgd":
+                out.setdefault("sgd", {})[r.seed] = 0.3
+                continue
+            v = key(r)  # a smooth optimum per axis: γ_a = 1e-4, γ_V = 0.03, ρ = peak
+            dist = ((math.log(v[0] / 1e-4) ** 2 + math.log(v[1] / 0.03) ** 2)
+                    if isinstance(v, tuple) else math.log(v / peak[r.optimizer]) ** 2)
+            out.setdefault(v, {})[r.seed] = 0.5 - 0.01 * dist + 1e-4 * r.seed
+        return out
+
+    monkeypatch.setattr(driver.Study, "_scores", fake_scores)
+    monkeypatch.setattr(driver.Study, "_go", lambda self, runs: trained.extend(runs) or runs)
+    study = driver.Study(tmp_path, s, log=lambda m: None)
+    sam = study.tune("sam")
+    assert sam["grid"] == [0.008, 0.02, 0.05, 0.1] and sam["choice"] == 0.02  # one step
+    assert sam["extended"] == {"ρ lower": 1} and sam["on_edge"] is False
+    jsam = study.tune("jsam")  # two steps up, then the cap: the edge is reported, not hidden
+    assert jsam["grid"] == [0.02, 0.05, 0.1, 0.2, 0.4] and jsam["choice"] == 0.4
+    assert jsam["extended"] == {"ρ upper": 2} and "upper end" in jsam["on_edge"]
+    reg = study.tune("regsgd")  # γ_a grows downward (twice); γ_V = 3e-2 is its optimum
+    assert reg["extended"] == {"γ_a lower": 2, "γ_V upper": 1}
+    assert {g[0] for g in reg["grid"]} == {1e-5, 1e-4, 1e-3, 1e-2}
+    assert {g[1] for g in reg["grid"]} == {1e-2, 3e-2, 0.09}
+    assert reg["choice"][1] == 3e-2
+    assert all(r.seed in protocol.TUNE_SEEDS for r in trained)

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .protocol import ABLATION_SEEDS, FINAL_SEEDS, TUNE_SEEDS, WEIGHT_DECAY, Setting
+from .protocol import ABLATION_SEEDS, EXTENSIONS, FINAL_SEEDS, TUNE_SEEDS, WEIGHT_DECAY, Setting
 from .runs import Run, finished, run_all
 from .stats import run_metrics, select
 
@@ -43,39 +43,71 @@ class Study:
         tmp.write_text(json.dumps(data, indent=1, default=str))
         os.replace(tmp, path)
 
-    def tune(self, variant: str) -> dict:
-        """Tune ``variant`` ("sam", "lsam", "jsam", "adareg" over ρ; "regsgd" over γ)."""
+    def _tuning_runs(self, variant: str, axes: tuple) -> tuple[list, list[Run], object]:
+        """(grid, runs, key of a run's grid value) of ``variant`` on the tuning seeds."""
         group = f"tune/{self.s.name}"
-        seeds = TUNE_SEEDS
         if variant == "regsgd":
-            grid = self.s.gamma_grid
+            grid = [(a, v) for a in axes[0] for v in axes[1]]
             runs = [self.s.run("regsgd", seed, group=group, tuning=True, gamma_act=g[0],
-                               gamma_weight=g[1]) for g in grid for seed in seeds]
-            key = lambda r: (r.gamma_act, r.gamma_weight)  # noqa: E731
+                               gamma_weight=g[1]) for g in grid for seed in TUNE_SEEDS]
+            return grid, runs, lambda r: (r.gamma_act, r.gamma_weight)
+        grid = list(axes[0])
+        runs = [self.s.run(variant, seed, group=group, tuning=True, rho=rho)
+                for rho in grid for seed in TUNE_SEEDS]
+        return grid, runs, lambda r: r.rho
+
+    def tune(self, variant: str) -> dict:
+        """Tune ``variant`` ("sam", "lsam", "jsam", "adareg" over ρ; "regsgd" over γ).
+
+        Grid rule: when the chosen value sits at an end of an axis, that axis is extended one
+        geometric step beyond the end (``a²/b`` for the two outermost values ``a, b``, one
+        significant digit) and the tuning seeds are trained there; at most
+        ``EXTENSIONS`` times per axis end. The report recomputes the same grid from the runs.
+        """
+        if variant == "regsgd":
+            axes = (tuple(self.s.gammas), tuple(self.s.gammas_v or self.s.gammas))
         else:
-            grid = self.s.rho[variant]
-            runs = [self.s.run(variant, seed, group=group, tuning=True, rho=rho)
-                    for rho in grid for seed in seeds]
-            key = lambda r: r.rho  # noqa: E731
-        self.log(f"== {self.s.name}: tuning {variant} ({len(grid)} values x {len(seeds)} seeds, "
-                 f"{self.s.tune_epochs} epochs)")
-        self._go(runs)
-        # SGD on the same tuning seeds, as a reference row for the validation table
-        self._go([self.s.run("sgd", seed, group=group, tuning=True) for seed in seeds])
-        result = select(self._scores(runs, key), grid)
-        result["grid"] = list(grid)
-        result["complete"] = len(finished(runs, self.root)) == len(runs)
-        if result["choice"] is not None:
-            if variant == "regsgd":  # which penalty sits at an end of its own axis
-                axes = (self.s.gammas, self.s.gammas_v or self.s.gammas)
-                ends = [f"{n} = {v:g} ({'lower' if v == min(ax) else 'upper'} end)"
-                        for n, v, ax in zip(("γ_a", "γ_V"), result["choice"], axes)
-                        if v in (min(ax), max(ax))]
-                result["on_edge"] = "; ".join(ends) if ends else False
+            axes = (tuple(self.s.rho[variant]),)
+        extended: dict = {}
+        while True:
+            grid, runs, key = self._tuning_runs(variant, axes)
+            if extended:
+                self.log(f"== {self.s.name}: tuning {variant}, grid extended: "
+                         + ", ".join(f"{k} {v}x" for k, v in extended.items()))
             else:
-                result["on_edge"] = result["choice"] in (grid[0], grid[-1])
-        sgd = self._scores([self.s.run("sgd", seed, group=group, tuning=True) for seed in seeds],
-                           lambda r: "sgd")
+                self.log(f"== {self.s.name}: tuning {variant} ({len(grid)} values x "
+                         f"{len(TUNE_SEEDS)} seeds, {self.s.tune_epochs} epochs)")
+            self._go(runs)
+            result = select(self._scores(runs, key), grid)
+            choice = result["choice"]
+            if choice is None:
+                break
+            values = choice if variant == "regsgd" else (choice,)
+            grown = []
+            for i, (v, axis) in enumerate(zip(values, axes)):
+                end = "lower" if v == axis[0] else "upper" if v == axis[-1] else None
+                if end is None or len(axis) < 2 or extended.get((i, end), 0) >= EXTENSIONS:
+                    continue
+                a, b = (axis[0], axis[1]) if end == "lower" else (axis[-1], axis[-2])
+                new = float(f"{a * a / b:.1g}")
+                grown.append((i, tuple(sorted({*axis, new}))))
+                extended[(i, end)] = extended.get((i, end), 0) + 1
+            if not grown:
+                break
+            axes = tuple(dict(grown).get(i, axis) for i, axis in enumerate(axes))
+        # SGD on the same tuning seeds, as a reference row for the validation table
+        group = f"tune/{self.s.name}"
+        self._go([self.s.run("sgd", seed, group=group, tuning=True) for seed in TUNE_SEEDS])
+        result["grid"] = list(grid)
+        names = ("γ_a", "γ_V") if variant == "regsgd" else ("ρ",)
+        result["extended"] = {f"{names[i]} {end}": n for (i, end), n in extended.items()}
+        result["complete"] = len(finished(runs, self.root)) == len(runs)
+        if choice is not None:
+            ends = [f"{n} = {v:g} ({'lower' if v == min(ax) else 'upper'} end)"
+                    for n, v, ax in zip(names, values, axes) if v in (min(ax), max(ax))]
+            result["on_edge"] = "; ".join(ends) if ends else False
+        sgd = self._scores([self.s.run("sgd", seed, group=group, tuning=True)
+                            for seed in TUNE_SEEDS], lambda r: "sgd")
         result["sgd_val"] = sgd.get("sgd", {})
         self._save_choice(variant, result)
         return result

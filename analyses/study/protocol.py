@@ -30,6 +30,8 @@ TUNE_SEEDS = (100, 101, 102)  # never used for final runs; each seed has its own
 FINAL_SEEDS = (0, 1, 2, 3, 4)
 ABLATION_SEEDS = (0, 1, 2)
 WEIGHT_DECAY = 5e-4
+#: a tuning grid whose chosen value sits at an end grows one step past it, at most this often
+EXTENSIONS = 2
 TUNE_PROBE = 8  # probe examples during tuning (probes "off": the recorder needs >= 1)
 # γ_a = 1e-3 and γ_V = 3e-2 won on the 3 x 3 grid of MNIST-1D MLP: each axis goes one further
 GAMMAS = (1e-4, 1e-3, 1e-2, 3e-2)

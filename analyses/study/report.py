@@ -176,7 +176,9 @@ def setting_section(root: Path, docs: Path | None, setting):
               f"validation split), {setting.tune_epochs} epochs, probe reduced to a few examples. "
               f"Score: peak of the {SMOOTH}-epoch moving average of validation accuracy. Values "
               "within one paired standard error of the best are tied; the middle of the tied "
-              "range is chosen (the lower of two)."
+              "range is chosen (the lower of two). A "
+              "choice at an end of its grid extends that axis one geometric step past the end "
+              "(at most twice), so that the chosen value is inside the grid."
               + _tuning_cost(root / "tune" / setting.name), ""]
     for v, res in choices.items():
         if not res.get("table"):
@@ -185,7 +187,11 @@ def setting_section(root: Path, docs: Path | None, setting):
         edge = res.get("on_edge")
         edge = ("" if not edge else f" — **on the edge of the grid: {edge}**"
                 if isinstance(edge, str) else " — **on the edge of the grid**")
-        lines += [f"**{tables.LABELS[v]}**{edge}:", "", tables.tuning_table(res, v), ""]
+        grown = res.get("extended") or {}
+        grown = (" (grid extended past the " + ", ".join(
+            f"{k} end" + (f" {n}×" if n > 1 else "") for k, n in grown.items()) + ")"
+                 if grown else "")
+        lines += [f"**{tables.LABELS[v]}**{grown}{edge}:", "", tables.tuning_table(res, v), ""]
     lines += _figure_lines(figures.tuning(choices, fig_dir), base)
 
     if df.empty or "main" not in runs_of:
