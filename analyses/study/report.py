@@ -391,7 +391,10 @@ def _adareg_note(root: Path) -> list[str]:
             "sg[‖u_i‖²+1]‖D_i Vᵀ sg[δ_i]‖²): the exact J-SAM step of the top two layers (SPEC 2.5 "
             "with the network below as a fixed feature map u → a = ReLU(W u + c), N_i the norm "
             "of the per-example gradient of those layers), with per-example stop-gradient "
-            "weights instead of regularized SGD's constant γ's; one forward and one backward.")
+            "weights instead of regularized SGD's constant γ's; one forward and one backward. "
+            "On the CNNs the layer below the head is a convolution (per-example gradient "
+            "norms do not factor), so only the head's part is matched there: "
+            "½ sg[ρ/N_i] sg[‖δ_i‖²] ‖a_i‖² with N_i² = ‖δ_i‖² (‖a_i‖² + 1).")
     cost = Path(root) / "adareg_cost.json"
     if cost.exists():
         data = json.loads(cost.read_text())
