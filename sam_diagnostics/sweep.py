@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -182,6 +183,12 @@ def run_sweep(todo: Sequence[tuple[TrainConfig, Path]], *, jobs: int = 1,
     >>> failed = run_sweep(pending_runs(plan), jobs=2)  # doctest: +SKIP
     >>> failed = run_sweep(pending_runs(plan), scheduler="tcp://10.0.0.5:8786")  # doctest: +SKIP
     """
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        raise ConfigError(
+            f"the sweep was started under torchrun (WORLD_SIZE={world}): every rank would run "
+            "the whole sweep. Start the sweep once, without torchrun (its runs go to dask "
+            "workers); torchrun is for one large run (`sam-diagnostics train` with DDP)")
     failed: list[Path] = []
     if scheduler is None and (jobs == 1 or len(todo) == 1):
         for i, (cfg, path) in enumerate(todo, 1):

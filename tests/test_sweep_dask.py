@@ -12,7 +12,7 @@ pytest.importorskip("dask.distributed")
 from sam_diagnostics import open_run  # noqa: E402
 from sam_diagnostics.cli import main  # noqa: E402
 from sam_diagnostics.sweep import pending_runs, plan_sweep, run_sweep  # noqa: E402
-from sam_diagnostics.train import TrainConfig  # noqa: E402
+from sam_diagnostics.train import ConfigError, TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = TrainConfig(dataset="digits", model="mlp", width=8, n_samples=120, batch_size=40,
@@ -76,3 +76,15 @@ def test_sweep_on_a_cluster_someone_else_started(tmp_path, capsys):
         assert "sgd-seed1.zarr: failed:" in captured.out
         assert "1 of 2 runs failed" in captured.err
         assert open_run(tmp_path / "more" / "sgd-seed0.zarr").attrs["complete"] == 1
+
+
+def test_a_sweep_under_torchrun_is_refused(tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank would run the whole sweep: refused, naming the fix."""
+    plan = plan_sweep(TrainConfig(dataset="digits", epochs=1), tmp_path, ["sgd"], [0], [0.05])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun"):
+        run_sweep(pending_runs(plan, echo=lambda m: None), jobs=1)
+    assert not any(tmp_path.iterdir())  # nothing trained
+    assert main(["sweep", "--out", str(tmp_path), "--dataset", "digits", "--epochs", "1",
+                 "--optimizers", "sgd", "--seeds", "0", "--no-progress"]) == 2
+    assert "torchrun" in capsys.readouterr().err and not any(tmp_path.iterdir())
