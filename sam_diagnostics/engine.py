@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +49,16 @@ def check_inputs(inputs, model: nn.Module | None = None) -> None:
     """Inputs a model can be measured on, or a clear error naming the fix."""
     if model is not None:
         check_model(model)
+    if isinstance(inputs, Mapping):
+        raise TypeError(
+            f"inputs must be one torch.Tensor [B, ...], got a {type(inputs).__name__} of "
+            f"{', '.join(map(str, list(inputs)[:4]))}: a model called as model(**batch) is "
+            "measured through a module whose forward takes one tensor, e.g. "
+            "sam_diagnostics.integrations.hf.TextClassifier(model, keys) on "
+            "torch.stack([batch[k] for k in keys], 1) for token inputs, or your own small "
+            "wrapper that unpacks the tensor into keyword arguments")
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+        raise TypeError(f"inputs must be a torch.Tensor [B, ...], got {type(inputs).__name__}")
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise ValueError("empty batch: inputs must have a leading batch dimension of size >= 1")
     # one cheap reduction first; the element-wise test only when the sum is not finite

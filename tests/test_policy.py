@@ -180,6 +180,8 @@ BAD = [
     ("3-d logits", lambda: sd.logit_scale(torch.randn(4, 2, 2), Y), ValueError, "output_fn"),
     ("logit/target rows", lambda: sd.logit_scale(torch.randn(4, 2), Y[:2]), ValueError, "[B]"),
     ("inputs type", lambda: sd.jacobian_norms(net, [[1.0, 2.0, 3.0]]), TypeError, "Tensor"),
+    ("dict inputs", lambda: sd.grad_norms(net, {"input_ids": X}, Y), TypeError,
+     r"model\(\*\*batch\).*TextClassifier"),
     ("loss not per-example", lambda: sd.grad_norms(
         net, X, Y, loss_fn=torch.nn.functional.cross_entropy), ValueError, "per-example"),
     ("eps unknown name", lambda: sd.perturbed(net, {"9.weight": torch.zeros(1)}).__enter__(),
