@@ -1,6 +1,6 @@
 """GPU hygiene of training (issue 13): ``--amp bf16`` autocasts the training forward passes while
 SAM's ε and the update use float32 gradients; ``--device cuda`` trains the run CPU trains
-(the CUDA tests skip cleanly without a GPU; ``bash benchmarks/gpu.sh`` runs them)."""
+(the CUDA tests skip cleanly without a GPU; ``bash sd_benchmarks/gpu.sh`` runs them)."""
 
 import numpy as np
 import pytest

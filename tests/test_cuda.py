@@ -1,5 +1,5 @@
 """On a CUDA GPU the engine gives the CPU float64 reference to the dtype's tolerance (skipped
-without CUDA; ``bash benchmarks/gpu.sh`` runs these on a GPU machine)."""
+without CUDA; ``bash sd_benchmarks/gpu.sh`` runs these on a GPU machine)."""
 
 import copy
 
