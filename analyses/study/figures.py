@@ -121,7 +121,7 @@ def curves(root, cfg, all_runs, fig_dir: Path, name: str, prefix: str = "") -> l
                             "mean best-val epoch)")
     paths += _save(fig, fig_dir, prefix + "accuracy")
     last = max(marks.values()) if marks else None
-    window = None if last is None else max(10.0, 2.0 * last)
+    window = None if last is None else min(max(10.0, 2.0 * last), float(df["epoch"].max()))
     norms = [("penultimate_activation_norm", "penultimate activation ‖a‖ (log)", "mean ‖a_i‖"),
              ("last_layer_weight_norm", "last-layer weight ‖V‖_F (log)", "‖V‖_F")]
     # finding 1 is about the time before the peak: each method up to its own best-val epoch
