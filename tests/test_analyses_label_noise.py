@@ -35,7 +35,8 @@ def test_paired_interval_matches_a_hand_computation():
     d = np.array([a[k] - b[k] for k in a])
     mean, half, n = stats.paired(a, b)
     assert n == 5 and mean == pytest.approx(d.mean())
-    assert half == pytest.approx(2.776 * d.std(ddof=1) / np.sqrt(5))
+    assert half == pytest.approx(2.776 * d.std(ddof=1) / np.sqrt(5), rel=1e-3)
+    assert stats.t975(40) == pytest.approx(2.021, abs=1e-3)  # not the normal 1.96
 
 
 def test_select_carries_ties_to_the_middle_and_never_flips_a_coin():
@@ -53,6 +54,24 @@ def test_select_carries_ties_to_the_middle_and_never_flips_a_coin():
     clear = stats.select({1: {s: 0.5 for s in seeds}, 2: {100: 0.2, 101: 0.21, 102: 0.19}},
                          [1, 2])
     assert clear["tied"] == [1] and clear["choice"] == 1
+
+
+def test_select_on_a_product_grid_takes_the_tied_cell_nearest_the_median_position():
+    """(γ_a, γ_V): the tied cells' per-axis median grid position decides, not the row-major
+    order of the grid; equidistant cells go to the earlier one."""
+    order = [(a, v) for a in (1e-3, 1e-2, 3e-2) for v in (1e-3, 1e-2, 3e-2)]
+    s3 = (100, 101, 102)
+    flat = {g: {s: 0.30 for s in s3} for g in order}
+    for g in ((1e-3, 1e-3), (1e-2, 1e-2), (3e-2, 3e-2)):  # a tied diagonal
+        flat[g] = {100: 0.40, 101: 0.41, 102: 0.39}
+    flat[(3e-2, 3e-2)] = {100: 0.405, 101: 0.41, 102: 0.39}  # best by a hair
+    res = stats.select(flat, order)
+    assert res["best"] == (3e-2, 3e-2) and len(res["tied"]) == 3
+    assert res["choice"] == (1e-2, 1e-2)  # the middle of the diagonal, not the first cell
+    two = {g: {s: 0.30 for s in s3} for g in order}
+    two[(1e-3, 3e-2)] = {100: 0.40, 101: 0.41, 102: 0.39}
+    two[(1e-2, 1e-3)] = {100: 0.401, 101: 0.41, 102: 0.39}
+    assert stats.select(two, order)["choice"] == (1e-3, 3e-2)  # equidistant: the earlier
 
 
 def test_stages_resume_and_report(tmp_path, monkeypatch):

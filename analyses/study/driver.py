@@ -59,10 +59,10 @@ class Study:
     def tune(self, variant: str) -> dict:
         """Tune ``variant`` ("sam", "lsam", "jsam", "adareg" over ρ; "regsgd" over γ).
 
-        Grid rule: when the chosen value sits at an end of an axis, that axis is extended one
-        geometric step beyond the end (``a²/b`` for the two outermost values ``a, b``, one
-        significant digit) and the tuning seeds are trained there; at most
-        ``EXTENSIONS`` times per axis end. The report recomputes the same grid from the runs.
+        Grid rule: when the chosen or the best-scoring value sits at an end of an axis, that
+        axis is extended one geometric step beyond the end (``a²/b`` for the two outermost
+        values ``a, b``, one significant digit) and the tuning seeds are trained there; at
+        most ``EXTENSIONS`` times per axis end. The report recomputes the same grid from the runs.
         """
         if variant == "regsgd":
             axes = (tuple(self.s.gammas), tuple(self.s.gammas_v or self.s.gammas))
@@ -83,18 +83,24 @@ class Study:
             if choice is None:
                 break
             values = choice if variant == "regsgd" else (choice,)
-            grown = []
-            for i, (v, axis) in enumerate(zip(values, axes)):
-                end = "lower" if v == axis[0] else "upper" if v == axis[-1] else None
-                if end is None or len(axis) < 2 or extended.get((i, end), 0) >= EXTENSIONS:
+            # the chosen value or the best-scoring one at an end of an axis: the optimum may
+            # lie beyond it, so that axis grows one step past that end
+            ends = {(i, "lower" if v == axis[0] else "upper")
+                    for point in (values, result["best"] if variant == "regsgd"
+                                  else (result["best"],))
+                    for i, (v, axis) in enumerate(zip(point, axes))
+                    if len(axis) > 1 and v in (axis[0], axis[-1])}
+            grown = {}
+            for i, end in sorted(ends):
+                if extended.get((i, end), 0) >= EXTENSIONS:
                     continue
+                axis = grown.get(i, axes[i])
                 a, b = (axis[0], axis[1]) if end == "lower" else (axis[-1], axis[-2])
-                new = float(f"{a * a / b:.1g}")
-                grown.append((i, tuple(sorted({*axis, new}))))
+                grown[i] = tuple(sorted({*axis, float(f"{a * a / b:.1g}")}))
                 extended[(i, end)] = extended.get((i, end), 0) + 1
             if not grown:
                 break
-            axes = tuple(dict(grown).get(i, axis) for i, axis in enumerate(axes))
+            axes = tuple(grown.get(i, axis) for i, axis in enumerate(axes))
         # SGD on the same tuning seeds, as a reference row for the validation table
         group = f"tune/{self.s.name}"
         self._go([self.s.run("sgd", seed, group=group, tuning=True) for seed in TUNE_SEEDS])

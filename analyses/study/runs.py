@@ -73,6 +73,18 @@ class Run:
                            width=self.width, probe_size=self.probe_size, record_every=1)
 
 
+def commit() -> str:
+    """The short git commit of this checkout ("unknown" outside git)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+                              cwd=Path(__file__).resolve().parent, capture_output=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _summary_path(store: Path) -> Path:
     return store.with_suffix(".json")
 
@@ -149,6 +161,7 @@ def _train_one(run: Run, root: str) -> tuple[str, float]:
     seconds = time.perf_counter() - start
     summary = summarize_store(store)
     summary["seconds"] = seconds
+    summary["commit"] = commit()
     _summary_path(store).write_text(json.dumps(summary, allow_nan=True))
     return run.name, seconds
 

@@ -14,18 +14,13 @@ import numpy as np
 #: peak is taken: one noisy epoch cannot pick the early-stopping point or the tuning winner.
 SMOOTH = 5
 
-# two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n = 2 ... 30)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
-         16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 29: 2.045}
-
-
 def t975(dof: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``dof`` degrees of freedom (NaN below 1)."""
     if dof < 1:
         return math.nan
-    if dof in _T975:
-        return _T975[dof]
-    return _T975[max(k for k in _T975 if k <= dof)] if dof < 30 else 1.96
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
 
 
 def smooth(values: Sequence[float], width: int = SMOOTH) -> np.ndarray:
@@ -100,10 +95,13 @@ def select(scores: dict, order: Sequence) -> dict:
 
     Rule (stated before any run; never looks at test data): the value with the best mean
     score wins unless another value is within one paired standard error of it; then all such
-    values are *tied* and the winner is the tied value closest to the middle of the tied set
-    in grid ``order`` (ties are broken toward the interior of the tied range, away from the
-    cliff where SAM stalls and from the weakest setting), with the earlier one on an exact
-    middle. Returns the choice, the table of means / paired SEs / tied flags, and the tie set.
+    values are *tied* and the winner is the tied value nearest the median position of the
+    tied values in the grid (per axis when the values are tuples of a product grid, e.g.
+    (γ_a, γ_V); distances in grid steps), the earlier one in ``order`` on an exact tie. On a
+    one-axis grid this is the middle tied value (the lower of the two middle ones). Ties are
+    thus broken toward the interior of the tied region, away from the cliff where SAM stalls
+    and from the weakest setting. Returns the choice, the best value, the table of means /
+    paired SEs / tied flags, and the tie set.
     """
     means = {k: float(np.nanmean(list(v.values()))) for k, v in scores.items() if v}
     if not means:
@@ -120,5 +118,18 @@ def select(scores: dict, order: Sequence) -> dict:
             tied.append(k)
         table.append({"value": k, "mean": means[k], "gap_to_best": gap, "paired_se": se,
                       "tied": is_tied, "seeds": len(scores[k])})
-    choice = tied[(len(tied) - 1) // 2] if tied else best
-    return {"choice": choice, "best": best, "table": table, "tied": tied}
+    return {"choice": _middle(tied, order) if tied else best, "best": best, "table": table,
+            "tied": tied}
+
+
+def _middle(tied: list, order: Sequence):
+    """The tied value nearest the per-axis median grid position of the tied values."""
+    values = list(order)
+    if not isinstance(values[0], (tuple, list)):
+        pos = {v: (i,) for i, v in enumerate(values)}
+    else:
+        axes = [sorted({v[a] for v in values}) for a in range(len(values[0]))]
+        pos = {v: tuple(ax.index(v[a]) for a, ax in enumerate(axes)) for v in values}
+    centre = np.median(np.asarray([pos[v] for v in tied], float), axis=0)
+    return min(tied, key=lambda v: (float(np.sum((np.asarray(pos[v]) - centre) ** 2)),
+                                    values.index(v)))
