@@ -198,10 +198,13 @@ def finished(runs: Iterable[Run], root: Path) -> list[tuple[Run, dict]]:
     return out
 
 
-def compute_seconds(root: Path) -> tuple[float, int]:
-    """Total training seconds and number of runs recorded in the summaries under ``root``."""
-    total, n = 0.0, 0
+def compute_seconds(root: Path) -> tuple[float, int, int]:
+    """Total training seconds, number of runs with a recorded time, and number of finished runs
+    without one (e.g. summarized after a restart), from the run summaries under ``root``."""
+    total, n, untimed = 0.0, 0, 0
     for js in Path(root).rglob("*.json"):
+        if not js.with_suffix(".zarr").exists():  # not a run summary (choices, costs)
+            continue
         try:
             sec = json.loads(js.read_text()).get("seconds")
         except (OSError, ValueError):
@@ -209,7 +212,9 @@ def compute_seconds(root: Path) -> tuple[float, int]:
         if isinstance(sec, (int, float)) and math.isfinite(sec):
             total += sec
             n += 1
-    return total, n
+        else:
+            untimed += 1
+    return total, n, untimed
 
 
 def replace(run: Run, **changes) -> Run:

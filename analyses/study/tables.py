@@ -65,7 +65,13 @@ def diff(a: dict, b: dict, scale: float = 100.0) -> tuple[str, bool]:
     if not math.isfinite(half):
         return f"{scale * mean:+.1f} (1 seed)", False
     lo, hi = mean - half, mean + half
-    return f"{scale * mean:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]", lo > 0 or hi < 0
+    return (f"{scale * mean:+.1f} [{_bound(scale * lo)}, {_bound(scale * hi)}]",
+            lo > 0 or hi < 0)
+
+
+def _bound(x: float) -> str:
+    """An interval end with one decimal, or two where one would print a misleading ±0.0."""
+    return f"{x:+.2f}" if abs(x) < 0.05 else f"{x:+.1f}"
 
 
 def label(row_method: str, rho: float | None = None, gamma=None, wd: float = 0.0) -> str:
