@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -198,11 +199,13 @@ def toy_section(docs: Path | None) -> list[str]:
     pngs = {p.stem: p for p in folder.glob("*.png")} if folder.exists() else {}
     if not pngs:
         return []
+    prov_file = folder / "provenance.json"
+    prov = json.loads(prov_file.read_text()) if prov_file.exists() else {}
+    made = (" and ".join(f"`{c}`" for c in prov.get("commands", [])) or "the toy scripts")
+    made += f" at commit {prov['commit']}" if prov.get("commit") else ""
+    made += f" ({prov['note']})" if prov.get("note") else ""
     lines = ["## The linear toy and the two-layer linear network (findings 1 and 3)", "",
-             "The PNGs in `docs/figures/toy/` are copied from "
-             "`python analyses/linear_logistic.py --out OUT --steps 150 --seeds 2` and "
-             "`python analyses/deep_linear.py --out OUT --epochs 10` (shortened from the "
-             "scripts' defaults of 250 steps × 5 seeds and 40 epochs to fit this session).", ""]
+             f"The PNGs in `docs/figures/toy/` are copied from {made}.", ""]
     described = [stem for stem, _ in TOY if stem in pngs]
     for stem, text in TOY:
         if stem in pngs:
